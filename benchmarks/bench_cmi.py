@@ -1,0 +1,192 @@
+"""Benchmark the CMI ranking engine on the shared VGG16-BN CIFAR-10 baseline.
+
+Ranks all 13 conv layers per-layer (paper widths) with N class-balanced training images and
+prints the time per layer and in total, for alpha = 2 (Frobenius path) and alpha = 1.01
+(batched float64 eigenvalues), on the CPU and on CUDA when present.
+
+    .venv/bin/python benchmarks/bench_cmi.py                      # alpha 2 on all layers, 1.01 sampled
+    .venv/bin/python benchmarks/bench_cmi.py --alpha 2            # alpha 2 only
+    .venv/bin/python benchmarks/bench_cmi.py --exact-layers all   # alpha 1.01 on every layer (hours on 2 cores)
+
+alpha = 1.01 needs about C^2 eigen-decompositions of N x N matrices per layer. Layers not in
+``--exact-layers`` get an estimate from the measured time of one batch of candidate entropies
+(marked "est").
+
+Data: ``.data/cifar10/train/<class>/*.jpg`` (unpacked from
+``../shared/datasets/cifar10-jpeg.tar.gz`` when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolchain.info.renyi import renyi_entropy  # noqa: E402
+from toolchain.ranking.base import PrunableLayer  # noqa: E402
+from toolchain.ranking.capture import FeatureCapture  # noqa: E402
+from toolchain.ranking.cmi import rank_layer  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def build_model() -> nn.Module:
+    try:
+        from toolchain.models import create_model
+
+        model = create_model("vgg16_bn", num_classes=10)
+    except Exception:  # the models package is still being written: the same architecture locally
+        from torchvision.models.vgg import cfgs, make_layers
+
+        class VGG(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = make_layers(cfgs["D"], batch_norm=True)
+                self.classifier = nn.Linear(512, 10)
+
+            def forward(self, x):
+                return self.classifier(torch.flatten(self.features(x), 1))
+
+        model = VGG()
+    state = torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
+    """conv -> BN pairs of ``features`` in order (VGG), with FLOPs at 32x32."""
+    mods = list(model.features.named_children())
+    layers, hw = [], 32
+    for i, (name, m) in enumerate(mods):
+        if isinstance(m, nn.MaxPool2d):
+            hw //= 2
+        if isinstance(m, nn.Conv2d):
+            bn = mods[i + 1][0] if i + 1 < len(mods) and isinstance(mods[i + 1][1], nn.BatchNorm2d) else None
+            flops = 2.0 * m.out_channels * hw * hw * m.in_channels * 9
+            layers.append(PrunableLayer(name=f"features.{name}", conv=m, bn_name=f"features.{bn}" if bn else None,
+                                        channels=m.out_channels, flops=flops, out_hw=(hw, hw)))
+    for a, b in zip(layers, layers[1:]):
+        a.consumers = [b.name]
+    if layers:
+        layers[-1].consumers = ["classifier"]
+    return layers
+
+
+def load_samples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    root = ROOT / ".data" / "cifar10" / "train"
+    if not root.is_dir():
+        (ROOT / ".data").mkdir(exist_ok=True)
+        subprocess.run(["tar", "xzf", str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"), "-C", str(ROOT / ".data")],
+                       check=True)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rng = random.Random(seed)
+    per = [n // len(classes) + (c < n % len(classes)) for c in range(len(classes))]  # class-balanced
+    images, labels = [], []
+    for c, (name, k) in enumerate(zip(classes, per)):
+        files = sorted((root / name).iterdir())
+        for f in rng.sample(files, k):
+            images.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8))
+            labels.append(c)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x, torch.tensor(labels)
+
+
+def estimate_exact(feats: torch.Tensor, labels: torch.Tensor, alpha: float, device: torch.device) -> float:
+    """Seconds that rank_layer would take at this alpha: time one batch of candidate entropies.
+
+    The greedy loop evaluates sum_{k=1}^{C-1} (C-k+1) candidates with 2 entropies each; the
+    batch measured is 32 Hadamard products of N x N Grams.
+    """
+    n, c = feats.shape[:2]
+    b = min(32, c)
+    x = feats[:, :b].reshape(n, b, -1).to(device, torch.float64).transpose(0, 1)
+    g = torch.exp(-torch.cdist(x, x) ** 2 / 50.0)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    renyi_entropy(g, alpha)
+    renyi_entropy(g * g[0], alpha)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    per_candidate = (time.perf_counter() - t0) / b
+    candidates = c * (c + 1) // 2 - 1
+    return per_candidate * candidates
+
+
+def run(alpha: float, device: torch.device, model, layers, images, labels, exact_layers: set[int] | None):
+    model = model.to(device)
+    cap = FeatureCapture(model, layers, images.to(device), device=device)
+    rows, total, estimated, t_all = [], 0.0, False, time.perf_counter()
+    capture_s = 0.0
+    for i, layer in enumerate(layers):
+        t0 = time.perf_counter()
+        feats = cap.get(i, upcoming=range(i + 1, len(layers)))
+        capture_s += time.perf_counter() - t0
+        if alpha == 2.0 or exact_layers is None or i in exact_layers:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = rank_layer(feats, labels, num_classes=10, alpha=alpha, gamma=5.0, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt, kind = time.perf_counter() - t0, "measured"
+            extra = (f"sat@{res.saturation_step}" if res.saturated else "not saturated") + \
+                f", ties {res.tie_steps}/{layer.channels - 1}, cmi0 {res.cmi_total:.4f}, top {res.order[:5]}"
+        else:
+            dt, kind, extra = estimate_exact(feats, labels, alpha, device), "est", ""
+            estimated = True
+        cap.release(i)
+        total += dt
+        rows.append((layer.name, layer.channels, layer.out_hw, dt, kind, extra))
+        print(f"  alpha={alpha:<5} {device.type:4} {layer.name:12} C={layer.channels:3d} "
+              f"{layer.out_hw[0]:2d}x{layer.out_hw[1]:<2d} {dt:9.2f} s {kind:8} {extra}", flush=True)
+    wall = time.perf_counter() - t_all
+    tag = " (includes estimates)" if estimated else ""
+    print(f"  alpha={alpha} {device.type}: ranking total {total:.1f} s{tag}; feature capture {capture_s:.1f} s "
+          f"({cap.passes} forward passes); wall {wall:.1f} s", flush=True)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--alpha", type=float, nargs="+", default=[2.0, 1.01])
+    ap.add_argument("--exact-layers", default="0",
+                    help="layers ranked for real at alpha != 2 ('all', or comma-separated indices); others estimated")
+    ap.add_argument("--devices", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")]
+    if args.devices == "cuda" or (args.devices == "auto" and torch.cuda.is_available()):
+        devices = ([] if args.devices == "cuda" else devices) + [torch.device("cuda")]
+    exact = None if args.exact_layers == "all" else {int(s) for s in args.exact_layers.split(",") if s}
+    model = build_model()
+    layers = prunable_layers(model)
+    images, labels = load_samples(args.samples, args.seed)
+    print(f"VGG16-BN CIFAR-10, {len(layers)} conv layers, N={len(labels)} class-balanced "
+          f"({np.bincount(labels.numpy()).tolist()}), torch {torch.__version__}, {torch.get_num_threads()} CPU "
+          f"threads, {os.cpu_count()} cores, ln N = {math.log(len(labels)):.3f}", flush=True)
+    for device in devices:
+        for alpha in args.alpha:
+            run(alpha, device, model, layers, images, labels.to(device), exact)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The CLI end to end on tiny data, its refusals of bad input, and resume after a kill."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from toolchain.cli import main
+from toolchain.models import create_model
+from toolchain.stages.bundle import load_pruned_model
+from toolchain.util import sha256_file
+
+TINY = ["--dataset", "digits", "--model", "vgg11_bn", "--train-subset", "300", "--test-subset", "100",
+        "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "64", "--rank-samples", "64",
+        "--bn-recalibration", "128", "--bench-runs", "20", "--quiet"]
+
+
+def _run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_end_to_end_tiny_bundle(tmp_path, capsys):
+    code, out, err = _run_cli([*TINY, "--out", str(tmp_path), "--run-name", "tiny", "--keep-ratio", "0.5",
+                               "--distill"], capsys)
+    assert code == 0, err
+    bundle = tmp_path / "tiny"
+    assert f"bundle: {bundle}" in out
+    for name in ("model.onnx", "model.pt", "architecture.json", "manifest.json", "report.md", "config.yaml",
+                 "rankings.json", "labels.txt"):
+        assert (bundle / name).is_file(), name
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(bundle / rel) == digest
+    m = manifest["metrics"]
+    for key in ("acc_dense", "acc_pruned", "acc_pruned_bn_recalibrated", "acc_finetuned", "acc_onnxruntime"):
+        assert 0.0 <= m[key] <= 1.0
+    assert 0.2 < m["flops_ratio"] < 0.35  # half the channels of every layer: about a quarter of the FLOPs
+    assert m["params_pruned"] < m["params_dense"]
+    assert set(m["latency"]) == {"dense", "pruned"}
+    assert manifest["config"]["criterion"] == "l1" and manifest["config"]["distill"] is True
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
+    arch = json.loads((bundle / "architecture.json").read_text())
+    assert all(k == c // 2 for k, c in zip(arch["kept_counts"].values(), arch["channels"].values()))
+    # the weights load weights-only into the rebuilt architecture and agree with the ONNX model
+    model = load_pruned_model(bundle)
+    x = torch.randn(3, 3, 32, 32)
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-3)
+    assert not list(tmp_path.glob(".tiny.partial-*"))
+    # re-running with the same config reuses every stage and rewrites the same bundle
+    code, _, err = _run_cli([*TINY, "--out", str(tmp_path), "--run-name", "tiny", "--keep-ratio", "0.5",
+                             "--distill"], capsys)
+    assert code == 0, err
+    assert json.loads((bundle / "manifest.json").read_text())["metrics"]["acc_finetuned"] == m["acc_finetuned"]
+
+
+def _assert_refused(tmp_path, capsys, args, needle):
+    out_dir = tmp_path / "out"
+    code, out, err = _run_cli([*args, "--out", str(out_dir)], capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert needle in lines[0]
+    assert not out_dir.exists(), "nothing may be written on bad input"
+
+
+def test_unknown_target_lists_valid_ones(tmp_path, capsys):
+    _assert_refused(tmp_path, capsys, ["--target", "jetsonn"], "jetson-orin-nano-8gb")
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    _assert_refused(tmp_path, capsys, ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")],
+                    "does not exist")
+
+
+def test_empty_data_dir(tmp_path, capsys):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "test").mkdir()
+    _assert_refused(tmp_path, capsys, ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "d")], "class")
+
+
+def test_cifar10_absent_offline_says_how_to_get_it(tmp_path, capsys):
+    _assert_refused(tmp_path, capsys, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "c")],
+                    "cifar-10-python.tar.gz")
+
+
+def test_checkpoint_that_does_not_match(tmp_path, capsys):
+    path = tmp_path / "wrong.pt"
+    torch.save(create_model("vgg11_bn", num_classes=10).state_dict(), path)
+    _assert_refused(tmp_path, capsys, ["--model", "vgg16_bn", "--checkpoint", str(path)], "does not match")
+
+
+class NotWeights:  # pickles as code: must be refused by weights_only loading
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_checkpoint_that_is_not_weights_only(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": NotWeights()}, f)
+    _assert_refused(tmp_path, capsys, ["--checkpoint", str(path)], "weights-only")
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    _assert_refused(tmp_path, capsys, ["--checkpoint", str(tmp_path / "none.pt")], "not found")
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("keep_ratio: [0.5\n")
+    _assert_refused(tmp_path, capsys, ["--config", str(cfg)], "invalid YAML")
+
+
+def test_unknown_yaml_option(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("keep_ration: 0.5\n")
+    _assert_refused(tmp_path, capsys, ["--config", str(cfg)], "unknown option")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--keep-ratio", "1.5"], "keep_ratio"),
+    (["--keep-ratio", "abc"], "invalid float"),
+    (["--criterion", "magic"], "valid: "),
+    (["--keep", "features.99=0.5"], "unknown layer"),
+    (["--finetune-epochs", "-1"], "finetune_epochs"),
+])
+def test_invalid_flag_values(tmp_path, capsys, args, needle):
+    _assert_refused(tmp_path, capsys, [*TINY, *args], needle)
+
+
+def test_yaml_then_flags(tmp_path, capsys):
+    from toolchain.config import build_config, load_yaml
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("keep_ratio: 0.3\nlr: 0.02\ncriterion_options: {alpha: 2.0}\n")
+    cfg = build_config(load_yaml(cfg_file), {"lr": 0.05, "keep_ratio": None, "criterion_options": {"gamma": 1.0}})
+    assert cfg.keep_ratio == 0.3 and cfg.lr == 0.05
+    assert cfg.criterion_options == {"alpha": 2.0, "gamma": 1.0}
+
+
+def test_list_targets(capsys):
+    code, out, _ = _run_cli(["--list-targets"], capsys)
+    assert code == 0
+    for name in ("jetson-orin-nano-8gb", "jetson-nano", "raspberry-pi-5", "x86-cpu"):
+        assert name in out
+
+
+def test_resume_after_kill(tmp_path):
+    """Kill the run during fine-tuning (after its first epoch checkpoint); the rerun resumes there."""
+    args = [sys.executable, "-m", "toolchain", *TINY, "--finetune-epochs", "3", "--out", str(tmp_path),
+            "--run-name", "r"]
+    args.remove("--quiet")
+    env = {**os.environ, "BUILD_EDGE_NO_PROGRESS": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    work = tmp_path / ".work" / "r"
+    while time.time() < deadline and not list(work.glob("finetune-*/last.pt")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "r").exists(), "a killed run leaves no bundle"
+    assert not list(work.glob("finetune-*/done.json"))
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log
+    for stage in ("baseline", "rank", "prune"):
+        assert f"stage {stage:<8} cached" in log, log
+    assert "finetune: resuming after epoch" in log, log
+    history = json.loads((tmp_path / "r" / "manifest.json").read_text())["metrics"]["finetune_history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert Path(tmp_path / "r" / "model.onnx").is_file()

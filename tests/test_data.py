@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toolchain.errors import UserError
+from toolchain.stages.data import DeviceLoader, balanced_indices, load_dataset, random_crop_flip
+
+
+def test_balanced_indices_are_balanced_unique_and_seeded():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)
+    idx = balanced_indices(labels, 30, seed=0)
+    counts = torch.bincount(labels[idx], minlength=3).tolist()
+    assert counts == [13, 12, 5]  # the small class gives its share to the others
+    assert len(set(idx.tolist())) == 30 and idx.tolist() == sorted(idx.tolist())
+    assert torch.equal(idx, balanced_indices(labels, 30, seed=0))
+    assert not torch.equal(idx, balanced_indices(labels, 30, seed=1))
+
+
+def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1  # no zeros inside
+    out = random_crop_flip(x, pad=4, generator=g)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for n in range(2):
+        found = any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1))
+                    for oy in range(9) for ox in range(9) for w in [padded[n, :, oy:oy + 8, ox:ox + 8]])
+        assert found
+
+
+def test_digits_are_real_32x32_rgb_images(tmp_path):
+    data = load_dataset("digits", None, cache_dir=tmp_path)
+    assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert len(data.train) + len(data.test) == 1797 and data.num_classes == 10
+    assert data.train.images.float().std() > 10  # real content, not constant
+    assert list(tmp_path.glob("digits-*.pt")), "decoded once and cached"
+    again = load_dataset("digits", None, cache_dir=tmp_path)
+    assert torch.equal(again.test.images, data.test.images)
+
+
+def test_loader_normalises_and_shards(tmp_path):
+    data = load_dataset("digits", None, cache_dir=tmp_path, test_subset=50)
+    loader = DeviceLoader(data.test, data, 16, torch.device("cpu"))
+    xs = torch.cat([x for x, _ in loader])
+    assert xs.shape == (50, 3, 32, 32)
+    assert abs(float(xs.mean())) < 0.5
+    halves = [DeviceLoader(data.test, data, 16, torch.device("cpu"), shuffle=True, rank=r, world=2) for r in (0, 1)]
+    ys = [torch.cat([y for _, y in h]) for h in halves]
+    assert len(ys[0]) == len(ys[1]) == 25
+
+
+def _write_imagefolder(root, classes=("cat", "dog"), per_class=3, size=20):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+
+
+def test_imagefolder_decodes_resizes_and_keeps_class_order(tmp_path):
+    _write_imagefolder(tmp_path / "data")
+    data = load_dataset("imagefolder", str(tmp_path / "data"), cache_dir=tmp_path / "cache")
+    assert data.classes == ["cat", "dog"]
+    assert data.train.images.shape == (6, 3, 32, 32)
+    assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_imagefolder_bad_dirs_are_user_errors(tmp_path, make):
+    root = tmp_path / "data"
+    if make == "empty":
+        (root / "train").mkdir(parents=True)
+        (root / "test").mkdir()
+    with pytest.raises(UserError):
+        load_dataset("imagefolder", str(root), cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cifar10_offline_says_how_to_get_it(tmp_path):
+    with pytest.raises(UserError, match="cifar-10-python.tar.gz"):
+        load_dataset("cifar10", str(tmp_path), cache_dir=tmp_path / "cache")

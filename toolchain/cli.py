@@ -1,0 +1,163 @@
+"""`build-edge` (and `bench-edge`): parse flags, resolve the config, run the pipeline.
+
+Bad input of any kind ends as one line on stderr and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from typing import Any
+
+from toolchain.config import Config, base_type, build_config, load_yaml
+from toolchain.errors import BuildError, UserError
+
+HELP = {
+    "target": "hardware profile name or a YAML file (see --list-targets); 'jetson' = jetson-orin-nano-8gb",
+    "out": "folder for bundles, caches and work files",
+    "run_name": "bundle folder name (default: <dataset>-<model>-<criterion>-<target>)",
+    "dataset": "digits (offline demo), cifar10 or imagefolder",
+    "data_dir": "cifar10: folder with cifar-10-batches-py/; imagefolder: folder with train/ and test/",
+    "normalization": "auto, cifar10 or imagenet mean/std",
+    "train_subset": "use a class-balanced subset of this many training images",
+    "test_subset": "use a class-balanced subset of this many test images",
+    "checkpoint": "dense model state dict (weights-only); without it the baseline is trained first",
+    "criterion": "channel ranking: l1, random, bn-scale, cmi, mipp",
+    "keep_ratio": "fraction of channels kept in every prunable layer",
+    "round_to": "round kept channel counts up to a multiple of this (8 suits tensor cores)",
+    "rank_samples": "class-balanced training images shown to data-driven criteria",
+    "bn_recalibration": "training images used to re-estimate BatchNorm statistics after pruning",
+    "distill": "distil from the dense model while fine-tuning",
+}
+# criterion options exposed as their own flags: flag -> (type, help)
+CRITERION_FLAGS: dict[str, tuple[Any, str]] = {
+    "formulation": (str, "cmi: per-layer, compact or full"),
+    "order": (str, "cmi: forward or bidirectional"),
+    "cutoff": (str, "cmi: scree, xmeans, permutation, knee or ratio"),
+    "budget": (str, "cmi: global budget, e.g. flops=0.4 or params=0.2 (keep at most that fraction)"),
+    "alpha": (float, "cmi/mipp: Renyi entropy order (2 = fast Frobenius path, 1.01 = paper)"),
+    "gamma": (float, "cmi/mipp: kernel width factor of the paper's rule"),
+    "permutations": (int, "cmi: permutations of the stopping test"),
+    "eta": (float, "cmi: significance of the permutation stopping test"),
+    "mipp_estimator": (str, "mipp: renyi or mlp"),
+    "confidence": (float, "mipp: confidence of the redundancy test"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too by default)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Config):
+        if f.name in ("criterion_options", "keep"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = base_type(f.name)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": HELP.get(f.name, f"(default {f.default})")}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        parser.add_argument(flag, type=kind, metavar=f.name.split("_")[-1].upper(), **kwargs)
+    parser.add_argument("--samples", dest="rank_samples", type=int, default=None, help=HELP["rank_samples"])
+    parser.add_argument("--keep", action="append", default=None, metavar="LAYER=VALUE",
+                        help="per-layer kept ratio (<=1) or count (>1), repeatable, e.g. features.0=0.5")
+    for name, (kind, text) in CRITERION_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=f"opt_{name}", type=kind, default=None, help=text)
+    parser.add_argument("--at-init", dest="opt_at_init", action="store_true", default=None,
+                        help="mipp: prune the freshly initialised model, then train it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="build-edge", description="Prune, fine-tune, export and benchmark a CNN for an edge "
+                                                    "target; writes a verified bundle.")
+    parser.add_argument("--config", help="YAML file of options (flags override it)")
+    parser.add_argument("--list-targets", action="store_true", help="print the hardware profiles and exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    _add_config_flags(parser)
+    return parser
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    values = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    if args.keep:
+        per_layer = {}
+        for item in args.keep:
+            name, sep, value = item.partition("=")
+            try:
+                per_layer[name] = float(value) if "." in value else int(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise UserError(f"--keep expects LAYER=VALUE, got {item!r}")
+        values["keep"] = per_layer
+    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    if options:
+        values["criterion_options"] = options
+    return values
+
+
+def _setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    from toolchain.train import distributed as dist_utils
+
+    level = logging.WARNING if quiet or not dist_utils.is_main() else logging.INFO
+    handler = RichHandler(show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    logging.getLogger("build_edge").setLevel(level)  # libraries (onnxscript, torch) stay at warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list_targets:
+            from toolchain.targets import format_targets_table
+
+            print(format_targets_table())
+            return 0
+        file_values = load_yaml(args.config) if args.config else {}
+        cfg = build_config(file_values, _flag_values(args))
+        if args.quiet:
+            import os
+
+            os.environ["BUILD_EDGE_NO_PROGRESS"] = "1"
+        _setup_logging(args.quiet)
+        from toolchain.pipeline import run_pipeline
+
+        bundle = run_pipeline(cfg)
+    except UserError as e:
+        sys.stderr.write(f"build-edge: error: {e}\n")
+        return 2
+    except BuildError as e:
+        sys.stderr.write(f"build-edge: build failed: {e}\n")
+        return 1
+    print(f"bundle: {bundle}")
+    return 0
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """bench-edge BUNDLE RESULT.json ...: fold on-device benchmark results into a bundle's report."""
+    parser = _Parser(prog="bench-edge", description="Merge on-device results (from the kit's "
+                                                    "bench_on_device.py) into a bundle.")
+    parser.add_argument("bundle", help="bundle folder written by build-edge")
+    parser.add_argument("results", nargs="+", help="JSON files written by bench_on_device.py")
+    args = parser.parse_args(argv)
+    try:
+        from toolchain.kit import merge_device_results
+
+        merged = merge_device_results(args.bundle, args.results)
+    except UserError as e:
+        sys.stderr.write(f"bench-edge: error: {e}\n")
+        return 2
+    print(f"merged {len(merged.get('results', []))} result(s) into {args.bundle}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""The run configuration: one flat typed dataclass; defaults <- YAML file <- CLI flags.
+
+The resolved config is saved in the bundle, and stage cache keys hash the fields each stage
+reads, so changing a fine-tuning flag re-runs fine-tuning and what follows, not ranking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from toolchain.errors import UserError
+
+
+@dataclass
+class Config:
+    # where and what for
+    target: str = "jetson"
+    out: str = "runs"
+    run_name: str | None = None  # default: <dataset>-<model>-<criterion>-<target>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # data
+    dataset: str = "digits"  # digits | cifar10 | imagefolder
+    data_dir: str | None = None
+    normalization: str = "auto"  # auto (dataset default / train-split stats) | cifar10 | imagenet
+    train_subset: int | None = None  # use only this many (class-balanced) training images
+    test_subset: int | None = None
+    image_size: int = 32
+    batch_size: int = 128
+    # model and baseline
+    model: str = "vgg16_bn"
+    checkpoint: str | None = None  # a state dict; without it the baseline is trained first
+    baseline_epochs: int = 30
+    baseline_lr: float = 0.05
+    # ranking and pruning
+    criterion: str = "l1"
+    criterion_options: dict[str, Any] = field(default_factory=dict)
+    rank_samples: int = 256  # class-balanced training images shown to data-driven criteria
+    keep_ratio: float = 0.5  # uniform fraction of channels kept per layer
+    keep: dict[str, float] = field(default_factory=dict)  # per-layer: ratio (<=1) or count (>1)
+    round_to: int = 1  # round kept counts to a multiple (8 suits tensor cores)
+    bn_recalibration: int = 2000  # training images to re-estimate BN statistics after pruning
+    # fine-tuning
+    finetune_epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    distill: bool = False
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    amp: str = "auto"  # auto (bf16 on GPUs, and on CPUs with native bf16) | bf16 | off
+    # export and checks
+    opset: int = 18
+    parity_tolerance: float = 1e-3
+    bench_runs: int = 100
+
+    @property
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.dataset}-{self.model}-{self.criterion}-{self.target}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_HINTS = get_type_hints(Config)
+FIELD_NAMES = [f.name for f in fields(Config)]
+
+
+def base_type(name: str) -> type:
+    """The field's type without ``| None`` (int, float, bool, str or dict)."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    return typing.get_origin(hint) or hint
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a YAML/flag value against the field's type; one clear line when it does not fit."""
+    kind = base_type(name)
+    if value is None:
+        if type(None) in typing.get_args(_HINTS[name]):
+            return None
+        raise UserError(f"config: {name} must not be empty")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config: {name} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config: {name} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config: {name} must be a number, got {value!r}")
+        return float(value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config: {name} must be a mapping, got {value!r}")
+        return dict(value)
+    if not isinstance(value, str):
+        raise UserError(f"config: {name} must be a string, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"invalid YAML in {p}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {p} must be a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Config:
+    """defaults <- file <- flags (flags whose value is None were not given)."""
+    merged: dict[str, Any] = {}
+    for source in (file_values, {k: v for k, v in flag_values.items() if v is not None}):
+        for key, value in source.items():
+            if key not in _HINTS:
+                raise UserError(f"config: unknown option {key!r}")
+            if key in ("criterion_options", "keep") and key in merged:
+                merged[key] = {**merged[key], **_coerce(key, value)}  # flags refine the file
+            else:
+                merged[key] = _coerce(key, value)
+    cfg = Config(**merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not 0.0 < cfg.keep_ratio <= 1.0:
+        raise UserError(f"keep_ratio must be in (0, 1], got {cfg.keep_ratio}")
+    for name, value in cfg.keep.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise UserError(f"keep[{name!r}] must be a ratio in (0, 1] or a channel count >= 1")
+    positive = ("batch_size", "rank_samples", "round_to", "bench_runs", "image_size")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("baseline_epochs", "finetune_epochs", "bn_recalibration"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("train_subset", "test_subset"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be >= 1")
+    if cfg.lr <= 0 or cfg.baseline_lr <= 0:
+        raise UserError("learning rates must be > 0")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise UserError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0.0 <= cfg.distill_alpha <= 1.0:
+        raise UserError(f"distill_alpha must be in [0, 1], got {cfg.distill_alpha}")
+    if cfg.opset < 17:
+        raise UserError(f"opset must be >= 17, got {cfg.opset}")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.amp not in ("auto", "bf16", "off"):
+        raise UserError(f"amp must be auto, bf16 or off, got {cfg.amp!r}")
+    if cfg.normalization not in ("auto", "cifar10", "imagenet"):
+        raise UserError(f"normalization must be auto, cifar10 or imagenet, got {cfg.normalization!r}")

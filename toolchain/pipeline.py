@@ -1,0 +1,280 @@
+"""The pipeline, top to bottom: config -> data -> baseline -> rank -> prune -> finetune -> export
+-> bench -> bundle.
+
+Each stage writes its outputs under ``<out>/.work/<run>/<stage>-<key>/`` where the key hashes the
+config fields the stage reads and the keys of the stages before it. A finished stage leaves
+``done.json``; re-running skips it. A killed stage resumes from what it left (fine-tuning and
+baseline training keep a checkpoint per epoch). The bundle is assembled in a temporary folder
+and renamed into place, so a reader never sees half a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolchain.config import Config
+from toolchain.errors import UserError
+from toolchain.models import MODELS, create_model
+from toolchain.ranking import CRITERIA, LayerRanking, load_criteria
+from toolchain.stages import baseline as baseline_stage
+from toolchain.stages import bench as bench_stage
+from toolchain.stages import bundle as bundle_stage
+from toolchain.stages import export as export_stage
+from toolchain.stages import finetune as finetune_stage
+from toolchain.stages import prune as prune_stage
+from toolchain.stages import rank as rank_stage
+from toolchain.stages.data import Dataset, DeviceLoader, count_classes, load_dataset
+from toolchain.targets import TargetProfile, load_target
+from toolchain.train import distributed as dist_utils
+from toolchain.train.engine import Recipe, evaluate, recalibrate_batchnorm
+from toolchain.util import atomic_torch_save, atomic_write_json, resolve_device, sha256_file, stable_hash
+
+log = logging.getLogger("build_edge")
+
+
+class StageCache:
+    """Runs a stage once per key; its folder holds its outputs and, when finished, done.json."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def run(self, name: str, key: dict[str, Any], fn: Callable[[Path], dict[str, Any]]) -> tuple[Path, str, dict]:
+        digest = stable_hash({"stage": name, **key})
+        folder = self.root / f"{name}-{digest}"
+        done = folder / "done.json"
+        if done.exists():
+            log.info("stage %-8s cached  (%s)", name, folder.name)
+            return folder, digest, json.loads(done.read_text())
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        log.info("stage %-8s running (%s)", name, folder.name)
+        result = fn(folder)
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        if dist_utils.is_main():
+            atomic_write_json(done, result)
+        dist_utils.barrier()
+        log.info("stage %-8s done in %.1fs", name, result["seconds"])
+        return folder, digest, result
+
+
+@dataclass
+class Preflight:
+    target: TargetProfile
+    device: torch.device
+    checkpoint: dict[str, torch.Tensor] | None
+    num_classes: int
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Every check on user input that can fail, before anything is written."""
+    target = load_target(cfg.target)
+    load_criteria()
+    CRITERIA.get(cfg.criterion)
+    MODELS.get(cfg.model)
+    device = resolve_device(cfg.device)
+    if cfg.dataset == "imagefolder" and cfg.data_dir and not Path(cfg.data_dir).exists():
+        raise UserError(f"data dir {cfg.data_dir} does not exist")
+    num_classes = count_classes(cfg.dataset, cfg.data_dir)
+    if num_classes == 0:
+        raise UserError(f"{cfg.data_dir}/train has no class folders")
+    state = None
+    if cfg.checkpoint:
+        state = baseline_stage.read_checkpoint(cfg.checkpoint, cfg.model, num_classes)
+    return Preflight(target, device, state, num_classes)
+
+
+def run_pipeline(cfg: Config) -> Path:
+    """Run every stage (or reuse its cached result) and return the bundle folder."""
+    pre = preflight(cfg)
+    dist_device = dist_utils.init_from_env(pre.device.type)
+    device = dist_device or pre.device
+    out = Path(cfg.out)
+    run = cfg.resolved_run_name
+    torch.manual_seed(cfg.seed)
+
+    data_key = {"dataset": cfg.dataset, "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+                "image_size": cfg.image_size, "normalization": cfg.normalization,
+                "train_subset": cfg.train_subset, "test_subset": cfg.test_subset, "seed": cfg.seed}
+    data = load_dataset(cfg.dataset, cfg.data_dir, cache_dir=out / ".cache", image_size=cfg.image_size,
+                        normalization=cfg.normalization, train_subset=cfg.train_subset,
+                        test_subset=cfg.test_subset, seed=cfg.seed)
+    if pre.checkpoint is not None and data.num_classes != pre.num_classes:
+        raise UserError(f"checkpoint has {pre.num_classes} classes but the data has {data.num_classes}")
+    log.info("data: %s, %d train / %d test images, %d classes, input %s", data.name, len(data.train),
+             len(data.test), data.num_classes, data.input_shape)
+    stages = StageCache(out / ".work" / run)
+    example = torch.zeros(2, *data.input_shape)
+    test_loader = DeviceLoader(data.test, data, 500, device)
+
+    # baseline --------------------------------------------------------------------------------
+    if cfg.checkpoint:
+        base_key = {"data": data_key, "model": cfg.model, "checkpoint": sha256_file(Path(cfg.checkpoint))}
+    else:
+        base_key = {"data": data_key, "model": cfg.model, "epochs": cfg.baseline_epochs, "lr": cfg.baseline_lr,
+                    "batch_size": cfg.batch_size, "wd": cfg.weight_decay, "ls": cfg.label_smoothing, "amp": cfg.amp}
+
+    def do_baseline(folder: Path) -> dict[str, Any]:
+        if pre.checkpoint is not None:
+            model = create_model(cfg.model, num_classes=data.num_classes)
+            model.load_state_dict(pre.checkpoint)
+            model.to(device)
+        else:
+            model = baseline_stage.train_baseline(
+                data, cfg.model, epochs=cfg.baseline_epochs, lr=cfg.baseline_lr, batch_size=cfg.batch_size,
+                weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing, amp=cfg.amp, device=device,
+                workdir=folder, seed=cfg.seed)
+        acc = evaluate(model, test_loader, device, desc="eval dense")
+        if dist_utils.is_main():
+            atomic_torch_save(model.cpu().state_dict(), folder / "model.pt")
+        return {"test_acc": acc, "source": cfg.checkpoint or "trained"}
+
+    base_dir, base_digest, base = stages.run("baseline", base_key, do_baseline)
+    dense = create_model(cfg.model, num_classes=data.num_classes)
+    dense.load_state_dict(torch.load(base_dir / "model.pt", map_location="cpu", weights_only=True))
+    dense.eval()
+    layers = prune_stage.find_prunable_layers(dense, example)
+    if not layers:
+        raise UserError(f"model {cfg.model} has no prunable convolution")
+
+    # rank ------------------------------------------------------------------------------------
+    rank_key = {"baseline": base_digest, "criterion": cfg.criterion, "options": cfg.criterion_options,
+                "samples": cfg.rank_samples}
+
+    def do_rank(folder: Path) -> dict[str, Any]:
+        model = dense.to(device)
+        found = prune_stage.find_prunable_layers(model, example.to(device))
+        rankings = rank_stage.rank_channels(model, found, data, criterion=cfg.criterion,
+                                            options=cfg.criterion_options, samples=cfg.rank_samples,
+                                            seed=cfg.seed, device=device)
+        dense.cpu()
+        atomic_write_json(folder / "rankings.json", {name: r.__dict__ for name, r in rankings.items()})
+        return {"layers": len(rankings)}
+
+    rank_dir, rank_digest, _ = stages.run("rank", rank_key, do_rank)
+    rankings = {k: LayerRanking(**v) for k, v in json.loads((rank_dir / "rankings.json").read_text()).items()}
+
+    # prune -----------------------------------------------------------------------------------
+    prune_key = {"rank": rank_digest, "keep_ratio": cfg.keep_ratio, "keep": cfg.keep, "round_to": cfg.round_to,
+                 "bn": cfg.bn_recalibration}
+
+    def do_prune(folder: Path) -> dict[str, Any]:
+        counts = prune_stage.resolve_keep_counts(layers, rankings, keep_ratio=cfg.keep_ratio, per_layer=cfg.keep,
+                                                 round_to=cfg.round_to)
+        kept = prune_stage.kept_indices(rankings, counts)
+        pruned, record = prune_stage.prune_model(dense, example, kept)
+        flops_d, params_d = prune_stage.count_flops_params(dense, data.input_shape)
+        flops_p, params_p = prune_stage.count_flops_params(pruned, data.input_shape)
+        acc_raw = evaluate(pruned.to(device), test_loader, device, desc="eval pruned")
+        probe = DeviceLoader(data.train, data, 256, device, shuffle=True, seed=cfg.seed + 1)
+        recalibrated = recalibrate_batchnorm(pruned, probe, device, cfg.bn_recalibration)
+        acc_bn = evaluate(pruned, test_loader, device, desc="eval pruned+bn")
+        atomic_torch_save(prune_stage.mask_model(dense, kept).state_dict(), folder / "masked.pt")
+        atomic_write_json(folder / "architecture.json", {"model": cfg.model, "num_classes": data.num_classes,
+                                                         "input_shape": list(data.input_shape),
+                                                         **record.to_json()})
+        return {"flops_dense": flops_d, "flops_pruned": flops_p, "params_dense": params_d,
+                "params_pruned": params_p, "acc_pruned": acc_raw, "acc_pruned_bn_recalibrated": acc_bn,
+                "bn_images": recalibrated, "kept_counts": counts,
+                "channels_removed": sum(layer.channels - counts[layer.name] for layer in layers),
+                "channels_dense": sum(layer.channels for layer in layers)}
+
+    prune_dir, prune_digest, prune_metrics = stages.run("prune", prune_key, do_prune)
+    record = prune_stage.PruneRecord.from_json(json.loads((prune_dir / "architecture.json").read_text()))
+
+    def load_pruned_unfinetuned() -> torch.nn.Module:
+        masked = create_model(cfg.model, num_classes=data.num_classes)
+        masked.load_state_dict(torch.load(prune_dir / "masked.pt", map_location="cpu", weights_only=True))
+        return prune_stage.prune_model(masked.eval(), example, record.kept)[0]
+
+    # finetune --------------------------------------------------------------------------------
+    ft_key = {"prune": prune_digest, "epochs": cfg.finetune_epochs, "lr": cfg.lr, "momentum": cfg.momentum,
+              "wd": cfg.weight_decay, "ls": cfg.label_smoothing, "distill": cfg.distill,
+              "alpha": cfg.distill_alpha, "T": cfg.distill_temperature, "batch_size": cfg.batch_size, "amp": cfg.amp,
+              "world": dist_utils.world_size()}
+
+    def do_finetune(folder: Path) -> dict[str, Any]:
+        model = load_pruned_unfinetuned()
+        recipe = Recipe(epochs=cfg.finetune_epochs, lr=cfg.lr, momentum=cfg.momentum,
+                        weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+                        distill_alpha=cfg.distill_alpha, distill_temperature=cfg.distill_temperature, amp=cfg.amp)
+        teacher = dense if cfg.distill else None
+        model, history = finetune_stage.finetune(model, data, recipe, device, folder, batch_size=cfg.batch_size,
+                                                 seed=cfg.seed, teacher=teacher, bn_images=cfg.bn_recalibration)
+        acc = evaluate(model, test_loader, device, desc="eval finetuned")
+        if dist_utils.is_main():
+            atomic_torch_save(model.cpu().to(memory_format=torch.contiguous_format).state_dict(),
+                              folder / "model.pt")
+        return {"test_acc": acc, "history": history}
+
+    ft_dir, ft_digest, ft = stages.run("finetune", ft_key, do_finetune)
+    if not dist_utils.is_main():
+        return out / run  # rank 0 alone exports, benchmarks and writes the bundle
+    pruned = prune_stage.build_pruned(create_model(cfg.model, num_classes=data.num_classes), example, record)
+    pruned.load_state_dict(torch.load(ft_dir / "model.pt", map_location="cpu", weights_only=True))
+    pruned.eval()
+
+    # export ----------------------------------------------------------------------------------
+    export_key = {"finetune": ft_digest, "opset": cfg.opset, "tol": cfg.parity_tolerance}
+
+    def do_export(folder: Path) -> dict[str, Any]:
+        probe = data.normalize(data.test.images[:64])
+        result: dict[str, Any] = {}
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            path = folder / f"{name}.onnx"
+            info = export_stage.export_onnx(model, data.input_shape, path, opset=cfg.opset)
+            info["parity_max_abs_diff"] = export_stage.check_parity(model, path, probe, cfg.parity_tolerance)
+            result[name] = info
+        images = data.normalize(data.test.images)
+        result["pruned"]["onnxruntime_test_acc"] = export_stage.onnx_accuracy(folder / "pruned.onnx", images,
+                                                                              data.test.labels)
+        return result
+
+    export_dir, export_digest, exported = stages.run("export", export_key, do_export)
+
+    # bench -----------------------------------------------------------------------------------
+    bench_key = {"export": export_digest, "target": pre.target.name, "runs": cfg.bench_runs}
+
+    def do_bench(folder: Path) -> dict[str, Any]:
+        results = bench_stage.bench_models({"dense": export_dir / "dense.onnx", "pruned": export_dir / "pruned.onnx"},
+                                        input_shape=data.input_shape,
+                                        threads=min(pre.target.threads, os.cpu_count() or 1),
+                                        runs=cfg.bench_runs, batch_sizes=[1])
+        atomic_write_json(folder / "bench.json", results)
+        return bench_stage.latency_summary(results)
+
+    bench_dir, _, bench = stages.run("bench", bench_key, do_bench)
+
+    # bundle ----------------------------------------------------------------------------------
+    metrics = {
+        "acc_dense": base["test_acc"],
+        "acc_pruned": prune_metrics["acc_pruned"],
+        "acc_pruned_bn_recalibrated": prune_metrics["acc_pruned_bn_recalibrated"],
+        "acc_finetuned": ft["test_acc"],
+        "acc_onnxruntime": exported["pruned"]["onnxruntime_test_acc"],
+        "onnx_parity_max_abs_diff": exported["pruned"]["parity_max_abs_diff"],
+        **{k: prune_metrics[k] for k in ("flops_dense", "flops_pruned", "params_dense", "params_pruned",
+                                         "channels_dense", "channels_removed")},
+        "flops_ratio": prune_metrics["flops_pruned"] / prune_metrics["flops_dense"],
+        "params_ratio": prune_metrics["params_pruned"] / prune_metrics["params_dense"],
+        "latency": {k: v for k, v in bench.items() if k != "seconds"},
+        "finetune_history": ft["history"],
+    }
+    return bundle_stage.write_bundle(
+        out / run, cfg=cfg, target=pre.target, data=data, metrics=metrics,
+        files={"model.onnx": export_dir / "pruned.onnx", "model.pt": ft_dir / "model.pt",
+               "architecture.json": prune_dir / "architecture.json", "rankings.json": rank_dir / "rankings.json",
+               "bench.json": bench_dir / "bench.json"})
+
+
+def dataset_summary(data: Dataset) -> dict[str, Any]:
+    return {"name": data.name, "classes": data.classes, "train": len(data.train), "test": len(data.test),
+            "input_shape": list(data.input_shape), "mean": list(data.mean), "std": list(data.std)}

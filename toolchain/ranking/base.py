@@ -1,0 +1,56 @@
+"""What to prune: the criterion interface (Torch-Pruning's "importance" idea, per layer).
+
+A criterion is a callable ``criterion(ctx: RankContext) -> dict[layer_name, LayerRanking]``
+registered in ``CRITERIA``. It knows nothing about surgery (toolchain.stages.prune) or about
+when pruning happens (toolchain.pipeline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolchain.registry import Registry
+
+
+@dataclass
+class PrunableLayer:
+    """A conv whose output channels can be removed without touching any other conv's outputs."""
+
+    name: str  # qualified module name of the conv, e.g. "features.0"
+    conv: nn.Conv2d
+    bn_name: str | None  # the BatchNorm right after the conv (None if there is none)
+    channels: int  # dense output channels
+    flops: float  # dense FLOPs of this conv at the model's input size (2 * MACs)
+    out_hw: tuple[int, int]  # spatial size of the conv output
+    consumers: list[str] = field(default_factory=list)  # modules whose inputs shrink with it
+    # post-BN activation applied when capturing feature maps (ReLU for VGG/ResNet)
+    activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu
+
+
+@dataclass
+class RankContext:
+    model: nn.Module  # dense model, eval mode, on `device`
+    layers: list[PrunableLayer]  # in network order
+    images: torch.Tensor  # (N, 3, H, W) normalised, class-balanced training samples, on `device`
+    labels: torch.Tensor  # (N,) int64
+    num_classes: int
+    device: torch.device
+    options: dict[str, Any] = field(default_factory=dict)  # criterion options from the config
+    seed: int = 0
+
+
+@dataclass
+class LayerRanking:
+    order: list[int]  # all channel indices, most important first
+    scores: list[float]  # one per channel, indexed by channel, higher = more important
+    keep: int | None = None  # count chosen by the criterion itself (cutoffs, MIPP); None = policy
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-able extras (curves, widths, flags)
+
+
+Criterion = Callable[[RankContext], dict[str, LayerRanking]]
+CRITERIA: Registry[Criterion] = Registry("criterion")

@@ -1,0 +1,68 @@
+"""Baseline stage: load a user's checkpoint (weights only, checked against the model) or train one."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toolchain.errors import UserError
+from toolchain.models import create_model
+from toolchain.stages.data import Dataset, DeviceLoader
+from toolchain.train.engine import Recipe, fit
+
+
+def read_checkpoint(path: str | Path, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """A state dict from `path`, verified to load strictly into `model_name`; UserError otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {p} is not weights-only loadable (it pickles code, refused for safety): "
+                        f"{first[:200]}") from None
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise UserError(f"checkpoint {p} could not be read: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {p} is not a state dict (a mapping of parameter names to tensors)")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    model = create_model(model_name, num_classes=num_classes)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in obj]
+    unexpected = [k for k in obj if k not in expected]
+    shapes = [k for k in expected if k in obj and obj[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} with other shapes (e.g. {k}: {tuple(obj[k].shape)} vs "
+                         f"{tuple(expected[k].shape)})")
+        raise UserError(f"checkpoint {p} does not match {model_name} with {num_classes} classes: "
+                        + "; ".join(parts))
+    return obj
+
+
+def train_baseline(data: Dataset, model_name: str, *, epochs: int, lr: float, batch_size: int, weight_decay: float,
+                   label_smoothing: float, amp: str, device: torch.device, workdir: Path, seed: int) -> nn.Module:
+    """Train the dense model from scratch with the same recipe as fine-tuning (resumable)."""
+    torch.manual_seed(seed)
+    model = create_model(model_name, num_classes=data.num_classes).to(device, memory_format=torch.channels_last)
+    train = DeviceLoader(data.train, data, batch_size, device, shuffle=True, augment=True, seed=seed,
+                         channels_last=True)
+    test = DeviceLoader(data.test, data, 512, device, channels_last=True)
+    recipe = Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, amp=amp)
+    fit(model, train, test, device, recipe, workdir, desc="baseline")
+    return model

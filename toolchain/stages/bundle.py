@@ -1,0 +1,89 @@
+"""Bundle stage: copy the deliverables into a temporary folder, write manifest and report, rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from toolchain.config import Config
+from toolchain.models import create_model
+from toolchain.stages import report as report_stage
+from toolchain.stages.data import Dataset
+from toolchain.stages.prune import PruneRecord, build_pruned
+from toolchain.util import sha256_file
+
+LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxsim", "onnxscript", "torch-pruning", "numpy",
+             "scikit-learn", "build-edge")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = "not installed"
+    return versions
+
+
+def write_bundle(dest: Path, *, cfg: Config, target, data: Dataset, metrics: dict[str, Any],
+                 files: dict[str, Path], extra_writers=()) -> Path:
+    """Assemble the bundle at `dest` atomically. `extra_writers` are callables(folder) adding files."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
+    try:
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (tmp / "labels.txt").write_text("\n".join(data.classes) + "\n")
+        for writer in extra_writers:
+            writer(tmp)
+        architecture = json.loads((tmp / "architecture.json").read_text())
+        manifest = {
+            "tool": "build-edge",
+            "versions": library_versions(),
+            "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(),
+                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "target": target.to_dict(),
+            "config": cfg.to_dict(),
+            "data": {"name": data.name, "classes": data.classes, "train": len(data.train), "test": len(data.test),
+                     "input_shape": list(data.input_shape), "mean": list(data.mean), "std": list(data.std)},
+            "architecture": {"model": architecture["model"], "kept_counts": architecture["kept_counts"],
+                             "dense_channels": architecture["channels"]},
+            "metrics": metrics,
+        }
+        report_stage.write_report(tmp, manifest)
+        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def load_pruned_model(bundle: str | Path) -> torch.nn.Module:
+    """The fine-tuned pruned model of a bundle, rebuilt from architecture.json + model.pt (weights only)."""
+    bundle = Path(bundle)
+    arch = json.loads((bundle / "architecture.json").read_text())
+    dense = create_model(arch["model"], num_classes=arch["num_classes"]).eval()
+    model = build_pruned(dense, torch.zeros(2, *arch["input_shape"]), PruneRecord.from_json(arch))
+    model.load_state_dict(torch.load(bundle / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval()

@@ -1,0 +1,84 @@
+"""Export stage: ONNX (dynamic batch) -> onnxsim -> onnx.checker -> parity and accuracy with ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from toolchain.errors import BuildError
+
+log = logging.getLogger("build_edge")
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, *, opset: int = 18,
+                simplify: bool = True) -> dict:
+    """Write a checked, simplified ONNX model with a dynamic batch axis (input 'input', output 'logits')."""
+    model = model.float().cpu().eval().to(memory_format=torch.contiguous_format)
+    example = torch.randn(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
+                                    output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+        program.save(tmp)
+        proto = onnx.load(tmp)
+        simplified = False
+        if simplify:
+            import onnxsim
+
+            candidate, ok = onnxsim.simplify(proto)
+            if ok:
+                proto, simplified = candidate, True
+            else:
+                log.warning("onnxsim could not validate its simplification; keeping the unsimplified model")
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return {"opset": opset, "simplified": simplified, "nodes": len(proto.graph.node),
+            "bytes": path.stat().st_size}
+
+
+def ort_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor, tolerance: float) -> float:
+    """Max |torch - onnxruntime| over real samples (fp32); BuildError above `tolerance`."""
+    model = model.float().cpu().eval().to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        expected = model(images.cpu()).numpy()
+    got = ort_session(onnx_path).run(["logits"], {"input": images.cpu().numpy()})[0]
+    diff = float(np.abs(expected - got).max())
+    if not np.isfinite(diff) or diff > tolerance:
+        raise BuildError(f"ONNX parity check failed: max abs diff {diff:.3g} > {tolerance:g} on {len(images)} "
+                         f"samples ({onnx_path.name})")
+    return diff
+
+
+def onnx_accuracy(onnx_path: Path, images: torch.Tensor, labels: torch.Tensor, *, batch: int = 500,
+                  threads: int | None = None) -> float:
+    """Top-1 accuracy of the ONNX model with ONNX Runtime on normalised float images."""
+    sess = ort_session(onnx_path, threads)
+    correct = 0
+    for start in range(0, len(labels), batch):
+        x = images[start:start + batch].cpu().numpy().astype(np.float32)
+        pred = sess.run(["logits"], {"input": x})[0].argmax(1)
+        correct += int((pred == labels[start:start + batch].cpu().numpy()).sum())
+    return correct / max(1, len(labels))

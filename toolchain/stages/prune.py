@@ -1,0 +1,276 @@
+"""Prune stage (how to prune): find prunable convs, remove channels for real, fold constants.
+
+Torch-Pruning's dependency graph decides which layers change together. A conv is prunable
+here when its output-channel group touches only its own BatchNorm and the inputs of the
+layers that consume it (not another conv's outputs, as a residual add would).
+
+Removing a channel is compared against *masking* it: zeroing the filter's weights and bias.
+A masked channel still emits a constant (its BN shift through the activation), so removal
+alone changes the function. We fold that constant into the consumer: into its bias for
+positions whose receptive field lies inside the map, and, where zero padding makes the border
+positions see less of the constant, into a fixed per-position ``border_bias`` buffer. The
+pruned model then computes what the masked one computes, exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from toolchain.ranking.base import LayerRanking, PrunableLayer
+
+
+class BorderBiasConv2d(nn.Conv2d):
+    """A Conv2d plus a constant (C_out, H, W) map: the folded border effect of removed inputs."""
+
+    border_bias: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.border_bias
+
+
+@dataclass
+class PruneRecord:
+    """Everything needed to rebuild the pruned architecture from the dense one (replayable)."""
+
+    kept: dict[str, list[int]]  # layer -> kept output channel indices (dense numbering), sorted
+    channels: dict[str, int]  # layer -> dense channel count
+    bias_added: list[str] = field(default_factory=list)  # consumers that had no bias before folding
+    border_bias: dict[str, list[int]] = field(default_factory=dict)  # consumer -> buffer shape
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kept": self.kept, "channels": self.channels, "bias_added": self.bias_added,
+                "border_bias": self.border_bias,
+                "kept_counts": {k: len(v) for k, v in self.kept.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PruneRecord:
+        return cls({k: list(v) for k, v in d["kept"].items()}, dict(d["channels"]), list(d["bias_added"]),
+                   {k: list(v) for k, v in d["border_bias"].items()})
+
+
+def _plain(idxs) -> list[int]:
+    return [int(getattr(i, "idx", i)) for i in idxs]
+
+
+def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+
+
+def find_prunable_layers(model: nn.Module, example: torch.Tensor) -> list[PrunableLayer]:
+    """Prunable convs in network order, with their BN, consumers and dense FLOPs."""
+    names = {m: n for n, m in model.named_modules()}
+    shapes: dict[str, tuple[int, int]] = {}
+    order: list[str] = []
+
+    def hook(mod, _inp, out):
+        if names[mod] not in shapes:
+            order.append(names[mod])
+        shapes[names[mod]] = tuple(out.shape[-2:])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    graph = _build_graph(model, example)
+    modules = dict(model.named_modules())
+    layers = []
+    for name in order:  # execution order
+        conv = modules[name]
+        if conv.groups != 1:
+            continue
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
+        bn_name, consumers, coupled = None, [], False
+        for dep, _ in group.items:
+            target = dep.target.module
+            if target is conv or not isinstance(target, nn.Module):
+                continue
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                if isinstance(target, nn.modules.batchnorm._BatchNorm):
+                    bn_name = bn_name or names[target]
+                elif isinstance(target, (nn.Conv2d, nn.Linear)):
+                    coupled = True
+            elif graph.is_in_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear)):
+                consumers.append(names[target])
+        if coupled or not consumers:
+            continue
+        ho, wo = shapes[name]
+        kh, kw = conv.kernel_size
+        flops = 2.0 * conv.out_channels * ho * wo * conv.in_channels * kh * kw
+        layers.append(PrunableLayer(name=name, conv=conv, bn_name=bn_name, channels=conv.out_channels,
+                                    flops=flops, out_hw=(ho, wo), consumers=consumers))
+    return layers
+
+
+def count_flops_params(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(FLOPs of one image, parameter count); FLOPs from torch.utils.flop_counter (2 per MAC)."""
+    p = next(model.parameters())
+    x = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops()), sum(q.numel() for q in model.parameters())
+
+
+def resolve_keep_counts(layers: list[PrunableLayer], rankings: dict[str, LayerRanking], *, keep_ratio: float,
+                        per_layer: dict[str, float], round_to: int = 1) -> dict[str, int]:
+    """Kept channels per layer: the per-layer map, else the criterion's own count, else the ratio."""
+    from toolchain.errors import UserError
+
+    valid = {layer.name for layer in layers}
+    unknown = sorted(set(per_layer) - valid)
+    if unknown:
+        raise UserError(f"keep: unknown layer(s) {', '.join(unknown)}; prunable layers: {', '.join(sorted(valid))}")
+    counts = {}
+    for layer in layers:
+        c = layer.channels
+        if layer.name in per_layer:
+            v = per_layer[layer.name]
+            k = round(v * c) if v <= 1 else int(v)
+        elif rankings[layer.name].keep is not None:
+            k = int(rankings[layer.name].keep)
+        else:
+            k = round(keep_ratio * c)
+        if round_to > 1:
+            k = -(-k // round_to) * round_to
+        counts[layer.name] = max(1, min(c, k))
+    return counts
+
+
+def kept_indices(rankings: dict[str, LayerRanking], counts: dict[str, int]) -> dict[str, list[int]]:
+    return {name: sorted(int(i) for i in rankings[name].order[:k]) for name, k in counts.items()}
+
+
+def mask_model(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
+    """A copy of the dense model with every removed filter's weights and bias set to zero."""
+    masked = copy.deepcopy(model)
+    modules = dict(masked.named_modules())
+    with torch.no_grad():
+        for name, keep in kept.items():
+            conv = modules[name]
+            drop = sorted(set(range(conv.out_channels)) - set(keep))
+            conv.weight[drop] = 0
+            if conv.bias is not None:
+                conv.bias[drop] = 0
+    return masked
+
+
+def prune_model(model: nn.Module, example: torch.Tensor, kept: dict[str, list[int]], *,
+                fold: bool = True) -> tuple[nn.Module, PruneRecord]:
+    """Remove the channels not in `kept` (a deep copy is pruned; `model` is untouched).
+
+    With ``fold`` the constants that removed channels fed forward are folded into the consumers
+    (computed from a forward pass of the masked model in eval mode), so that
+    ``pruned(x) == mask_model(model, kept)(x)`` for every x.
+    """
+    model = copy.deepcopy(model).eval()
+    layers = {layer.name: layer for layer in find_prunable_layers(model, example)}
+    missing = sorted(set(kept) - set(layers))
+    if missing:
+        raise ValueError(f"not prunable layers: {missing}")
+    removed = {n: sorted(set(range(layers[n].channels)) - set(k)) for n, k in kept.items()}
+    graph = _build_graph(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    # consumer -> input indices (in its own input numbering) that disappear
+    consumer_inputs: dict[str, list[int]] = {}
+    groups = []
+    for name, drop in removed.items():
+        if not drop:
+            continue
+        group = graph.get_pruning_group(layers[name].conv, tp.prune_conv_out_channels, idxs=drop)
+        for dep, idxs in group.items:
+            target = dep.target.module
+            if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear)):
+                consumer_inputs.setdefault(names[target], []).extend(_plain(idxs))
+        groups.append(group)
+
+    corrections = _fold_corrections(model, example, kept, consumer_inputs) if fold else {}
+    for group in groups:
+        group.prune()
+
+    record = PruneRecord(kept={n: sorted(k) for n, k in kept.items()},
+                         channels={n: layers[n].channels for n in kept})
+    modules = dict(model.named_modules())
+    for cname, (bias, border) in corrections.items():
+        consumer = modules[cname]
+        out_keep = torch.tensor(kept.get(cname, range(bias.numel())), dtype=torch.long)
+        bias = bias[out_keep].to(consumer.weight.dtype)
+        with torch.no_grad():
+            if consumer.bias is None:
+                consumer.bias = nn.Parameter(bias.clone())
+                record.bias_added.append(cname)
+            else:
+                consumer.bias += bias
+        if border is not None:
+            _attach_border(consumer, border[out_keep].to(consumer.weight.dtype))
+            record.border_bias[cname] = list(consumer.border_bias.shape)
+    return model, record
+
+
+def _attach_border(conv: nn.Module, border: torch.Tensor) -> None:
+    conv.__class__ = BorderBiasConv2d
+    conv.register_buffer("border_bias", border.detach().clone())
+
+
+@torch.no_grad()
+def _fold_corrections(model: nn.Module, example: torch.Tensor, kept: dict[str, list[int]],
+                      consumer_inputs: dict[str, list[int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per consumer: (bias increment for all its outputs, border map or None)."""
+    masked = mask_model(model, kept).eval()
+    modules = dict(masked.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [modules[c].register_forward_pre_hook(lambda m, args, c=c: captured.__setitem__(c, args[0].detach()))
+               for c in consumer_inputs]
+    try:
+        with torch.no_grad():
+            masked(example)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for cname, idxs in consumer_inputs.items():
+        consumer, x = modules[cname], captured[cname].double()
+        idx = torch.tensor(sorted(set(idxs)), dtype=torch.long)
+        values = x[:, idx]
+        const = values.reshape(len(x), len(idx), -1)[0, :, 0]  # one value per removed input
+        spread = (values - const.view(1, -1, *([1] * (values.dim() - 2)))).abs().max()
+        if spread > 1e-5 * (1 + const.abs().max()):
+            raise RuntimeError(f"inputs of {cname} from removed channels are not constant; cannot fold")
+        if isinstance(consumer, nn.Linear):
+            bias = consumer.weight.double()[:, idx] @ const
+            out[cname] = (bias, None)
+            continue
+        x_removed = torch.zeros_like(x[:1])
+        x_removed[:, idx] = values[:1]
+        full = F.conv2d(x_removed, consumer.weight.double(), None, consumer.stride, consumer.padding,
+                        consumer.dilation, consumer.groups)[0]  # what the removed inputs add, per position
+        interior = torch.einsum("ockl,c->o", consumer.weight.double()[:, idx], const)
+        border = full - interior.view(-1, 1, 1)
+        has_border = border.abs().max() > 1e-12 * (1 + interior.abs().max())
+        out[cname] = (interior, border if has_border else None)
+    return out
+
+
+def build_pruned(dense: nn.Module, example: torch.Tensor, record: PruneRecord) -> nn.Module:
+    """Replay a PruneRecord on a dense model to get the pruned architecture (weights to be loaded)."""
+    model, _ = prune_model(dense, example, record.kept, fold=False)
+    modules = dict(model.named_modules())
+    for cname in record.bias_added:
+        m = modules[cname]
+        m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype))
+    for cname, shape in record.border_bias.items():
+        _attach_border(modules[cname], torch.zeros(shape, dtype=modules[cname].weight.dtype))
+    return model

@@ -1,0 +1,198 @@
+"""One readable training recipe (torchvision reference style): train_one_epoch, evaluate,
+BN re-estimation, and a resumable epoch loop with a rich progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolchain.train import distributed as dist_utils
+from toolchain.train.progress import progress_bar
+from toolchain.util import atomic_torch_save
+
+log = logging.getLogger("build_edge")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them bf16 is emulated and slower than fp32 (7x on an AVX2 EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, mode: str = "auto"):
+    """Mixed precision: bf16 on CUDA GPUs that support it (else fp16 with a GradScaler); on the CPU
+    bf16 where the CPU computes it natively. ``mode``: auto | bf16 | off."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if mode == "bf16" or cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _needs_scaler(device: torch.device) -> bool:
+    return device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class Recipe:
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    nesterov: bool = True
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    amp: str = "auto"
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe, steps_per_epoch: int):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    total = max(1, recipe.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
+def distillation_loss(student_logits, teacher_logits, labels, *, alpha: float, temperature: float,
+                      label_smoothing: float) -> torch.Tensor:
+    """(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T) (Hinton et al.)."""
+    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+    return (1 - alpha) * hard + alpha * soft
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torch.device, recipe: Recipe, *,
+                    teacher: nn.Module | None = None, scaler=None, desc: str = "train") -> dict[str, float]:
+    model.train()
+    total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    with progress_bar(len(loader), desc) as bar:
+        for x, y in loader:
+            with autocast(device, recipe.amp):
+                logits = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    loss = distillation_loss(logits.float(), t_logits.float(), y, alpha=recipe.distill_alpha,
+                                             temperature=recipe.distill_temperature,
+                                             label_smoothing=recipe.label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            total_loss += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            bar.advance(loss=float(loss.detach()), acc=float(correct) / seen)
+    stats = dist_utils.all_reduce_sum(torch.stack([total_loss.float(), correct.float(),
+                                                   torch.tensor(float(seen), device=device)]))
+    return {"loss": float(stats[0] / stats[2]), "train_acc": float(stats[1] / stats[2])}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, *, amp: str = "off", desc: str = "eval") -> float:
+    """Top-1 accuracy; fp32 unless ``amp`` asks for mixed precision (the per-epoch checks do)."""
+    model.eval()
+    correct, seen = 0, 0
+    ctx = autocast(device, amp)
+    with ctx, progress_bar(len(loader), desc) as bar:
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            seen += len(y)
+            bar.advance(acc=correct / seen)
+    return correct / max(1, seen)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, max_images: int) -> int:
+    """Reset BN running statistics and re-estimate them (cumulative average) on training images.
+
+    Removing channels shifts every later layer's input distribution; without this the stale
+    statistics make a pruned model look far worse than its ranking deserves (ALGORITHMS.md 5).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or max_images <= 0:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    seen = 0
+    for x, _ in loader:
+        x = x[: max_images - seen]
+        model(x)
+        seen += len(x)
+        if seen >= max_images:
+            break
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+    return seen
+
+
+def fit(model: nn.Module, train_loader, test_loader, device: torch.device, recipe: Recipe, workdir: Path, *,
+        teacher: nn.Module | None = None, desc: str = "finetune",
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Epoch loop with a checkpoint after every epoch; resumes from ``workdir/last.pt``."""
+    ckpt_path = workdir / "last.pt"
+    opt, sched = make_optimizer(model, recipe, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if _needs_scaler(device) else None
+    history: list[dict[str, Any]] = []
+    start = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        dist_utils.unwrap(model).load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, history = ckpt["epoch"], list(ckpt["history"])
+        log.info("%s: resuming after epoch %d of %d", desc, start, recipe.epochs)
+    for epoch in range(start, recipe.epochs):
+        train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, train_loader, opt, sched, device, recipe, teacher=teacher, scaler=scaler,
+                                desc=f"{desc} {epoch + 1}/{recipe.epochs}")
+        stats["test_acc"] = evaluate(model, test_loader, device, amp=recipe.amp,
+                                     desc=f"eval {epoch + 1}/{recipe.epochs}")
+        stats.update(epoch=epoch + 1, secs=round(time.perf_counter() - t0, 2))
+        history.append(stats)
+        log.info("%s epoch %d/%d: loss %.4f train %.4f test %.4f (%.1fs)", desc, epoch + 1, recipe.epochs,
+                 stats["loss"], stats["train_acc"], stats["test_acc"], stats["secs"])
+        if dist_utils.is_main():
+            atomic_torch_save({"model": dist_utils.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history}, ckpt_path)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history

@@ -184,3 +184,17 @@ def test_bad_alpha_rejected():
     for alpha in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError):
             renyi_entropy(a, alpha)
+
+
+def test_eigvalsh_batched_matches_torch_and_restores_blas_threads():
+    from threadpoolctl import threadpool_info
+
+    from toolchain.info import eigvalsh
+
+    before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    a = torch.randn(2, 5, 20, 20, dtype=torch.float64)
+    a = a @ a.transpose(-1, -2)
+    lam = eigvalsh(a)
+    assert lam.shape == (2, 5, 20) and lam.dtype == torch.float64
+    assert torch.allclose(lam, torch.linalg.eigvalsh(a), atol=1e-9)
+    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == before

@@ -30,6 +30,10 @@ HELP = {
     "rank_samples": "class-balanced training images shown to data-driven criteria",
     "bn_recalibration": "training images used to re-estimate BatchNorm statistics after pruning",
     "distill": "distil from the dense model while fine-tuning",
+    "precision": "engine precision: fp32, fp16 or int8 (default: the target's)",
+    "calibration_method": "INT8 calibration: minmax, entropy or percentile",
+    "bench_batch_sizes": "comma-separated batch sizes to benchmark (default: 1 and the target's)",
+    "amp": "mixed precision: auto (bf16 on GPUs and on CPUs with native bf16), bf16 or off",
 }
 # criterion options exposed as their own flags: flag -> (type, help)
 CRITERION_FLAGS: dict[str, tuple[Any, str]] = {
@@ -62,6 +66,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
+        kind = str if kind is list else kind  # lists arrive as "1,8,32" and are parsed by the config
         parser.add_argument(flag, type=kind, metavar=f.name.split("_")[-1].upper(), **kwargs)
     parser.add_argument("--samples", dest="rank_samples", type=int, default=None, help=HELP["rank_samples"])
     parser.add_argument("--keep", action="append", default=None, metavar="LAYER=VALUE",

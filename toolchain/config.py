@@ -57,10 +57,15 @@ class Config:
     distill_alpha: float = 0.5
     distill_temperature: float = 4.0
     amp: str = "auto"  # auto (bf16 on GPUs, and on CPUs with native bf16) | bf16 | off
-    # export and checks
+    # export, deployable artifacts and checks
     opset: int = 18
     parity_tolerance: float = 1e-3
+    precision: str | None = None  # fp32 | fp16 | int8; default: the target's
+    calibration_samples: int = 512  # class-balanced training images for INT8 calibration
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    # benchmarks
     bench_runs: int = 100
+    bench_batch_sizes: list[int] | None = None  # default: 1 and the target's batch sizes
 
     @property
     def resolved_run_name(self) -> str:
@@ -102,6 +107,15 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config: {name} must be a number, got {value!r}")
         return float(value)
+    if kind is list:
+        if isinstance(value, str):  # from a flag: "1,8,32"
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise UserError(f"config: {name} must be a comma-separated list of integers, got {value!r}") from None
+        if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
+            raise UserError(f"config: {name} must be a non-empty list of positive integers, got {value!r}")
+        return list(value)
     if kind is dict:
         if not isinstance(value, dict):
             raise UserError(f"config: {name} must be a mapping, got {value!r}")
@@ -150,7 +164,7 @@ def validate(cfg: Config) -> None:
     for name, value in cfg.keep.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise UserError(f"keep[{name!r}] must be a ratio in (0, 1] or a channel count >= 1")
-    positive = ("batch_size", "rank_samples", "round_to", "bench_runs", "image_size")
+    positive = ("batch_size", "rank_samples", "round_to", "bench_runs", "image_size", "calibration_samples")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -170,6 +184,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"opset must be >= 17, got {cfg.opset}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.precision not in (None, "fp32", "fp16", "int8"):
+        raise UserError(f"precision must be fp32, fp16 or int8, got {cfg.precision!r}")
+    if cfg.calibration_method not in ("minmax", "entropy", "percentile"):
+        raise UserError(f"calibration_method must be minmax, entropy or percentile, got {cfg.calibration_method!r}")
     if cfg.amp not in ("auto", "bf16", "off"):
         raise UserError(f"amp must be auto, bf16 or off, got {cfg.amp!r}")
     if cfg.normalization not in ("auto", "cifar10", "imagenet"):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from toolchain import kit
 from toolchain.config import Config
 from toolchain.errors import UserError
 from toolchain.models import MODELS, create_model
@@ -28,11 +29,13 @@ from toolchain.ranking import CRITERIA, LayerRanking, load_criteria
 from toolchain.stages import baseline as baseline_stage
 from toolchain.stages import bench as bench_stage
 from toolchain.stages import bundle as bundle_stage
+from toolchain.stages import engine as engine_stage
 from toolchain.stages import export as export_stage
 from toolchain.stages import finetune as finetune_stage
 from toolchain.stages import prune as prune_stage
+from toolchain.stages import quantize as quantize_stage
 from toolchain.stages import rank as rank_stage
-from toolchain.stages.data import Dataset, DeviceLoader, count_classes, load_dataset
+from toolchain.stages.data import DeviceLoader, count_classes, load_dataset
 from toolchain.targets import TargetProfile, load_target
 from toolchain.train import distributed as dist_utils
 from toolchain.train.engine import Recipe, evaluate, recalibrate_batchnorm
@@ -69,6 +72,7 @@ class StageCache:
 @dataclass
 class Preflight:
     target: TargetProfile
+    precision: str
     device: torch.device
     checkpoint: dict[str, torch.Tensor] | None
     num_classes: int
@@ -77,6 +81,10 @@ class Preflight:
 def preflight(cfg: Config) -> Preflight:
     """Every check on user input that can fail, before anything is written."""
     target = load_target(cfg.target)
+    precision = cfg.precision or target.default_precision
+    if precision not in target.precisions:
+        raise UserError(f"target {target.name} does not support {precision}; it supports "
+                        f"{', '.join(target.precisions)}")
     load_criteria()
     CRITERIA.get(cfg.criterion)
     MODELS.get(cfg.model)
@@ -89,7 +97,7 @@ def preflight(cfg: Config) -> Preflight:
     state = None
     if cfg.checkpoint:
         state = baseline_stage.read_checkpoint(cfg.checkpoint, cfg.model, num_classes)
-    return Preflight(target, device, state, num_classes)
+    return Preflight(target, precision, device, state, num_classes)
 
 
 def run_pipeline(cfg: Config) -> Path:
@@ -240,16 +248,47 @@ def run_pipeline(cfg: Config) -> Path:
 
     export_dir, export_digest, exported = stages.run("export", export_key, do_export)
 
+    # quantize --------------------------------------------------------------------------------
+    target = pre.target
+    quant_key = {"export": export_digest, "samples": cfg.calibration_samples, "method": cfg.calibration_method,
+                 "trt": target.tensorrt_version, "fp16": target.supports_fp16}
+
+    def do_quantize(folder: Path) -> dict[str, Any]:
+        return quantize_stage.quantize(export_dir / "pruned.onnx", data, folder, samples=cfg.calibration_samples,
+                                       method=cfg.calibration_method, seed=cfg.seed,
+                                       tensorrt_version=target.tensorrt_version or "10.3.0",
+                                       fp16=target.supports_fp16)
+
+    quant_dir, quant_digest, quantized = stages.run("quantize", quant_key, do_quantize)
+    onnx_by_precision = {"fp32": export_dir / "pruned.onnx", "int8": quant_dir / "model.int8.onnx"}
+    if (quant_dir / "model.fp16.onnx").exists():
+        onnx_by_precision["fp16"] = quant_dir / "model.fp16.onnx"
+
+    # engine ----------------------------------------------------------------------------------
+    batch_sizes = cfg.bench_batch_sizes or sorted({1, *target.batch_sizes})
+    engine_key = {"quantize": quant_digest, "precision": pre.precision, "target": target.name,
+                  "batches": batch_sizes, "workspace": target.workspace_mb}
+
+    def do_engine(folder: Path) -> dict[str, Any]:
+        return engine_stage.build_or_defer(onnx_by_precision, pre.precision, folder,
+                                           workspace_mb=target.workspace_mb or 1024, batch_sizes=batch_sizes,
+                                           input_shape=data.input_shape)
+
+    engine_dir, _, engine = stages.run("engine", engine_key, do_engine)
+
     # bench -----------------------------------------------------------------------------------
-    bench_key = {"export": export_digest, "target": pre.target.name, "runs": cfg.bench_runs}
+    variants = {"dense/fp32": export_dir / "dense.onnx", "pruned/fp32": export_dir / "pruned.onnx",
+                "pruned/int8": quant_dir / "model.int8.onnx"}
+    bench_key = {"quantize": quant_digest, "target": target.name, "runs": cfg.bench_runs, "batches": batch_sizes}
 
     def do_bench(folder: Path) -> dict[str, Any]:
-        results = bench_stage.bench_models({"dense": export_dir / "dense.onnx", "pruned": export_dir / "pruned.onnx"},
-                                        input_shape=data.input_shape,
-                                        threads=min(pre.target.threads, os.cpu_count() or 1),
-                                        runs=cfg.bench_runs, batch_sizes=[1])
+        results = bench_stage.bench_models(variants, input_shape=data.input_shape,
+                                           threads=min(target.threads, os.cpu_count() or 1), runs=cfg.bench_runs,
+                                           batch_sizes=batch_sizes, memory_budget_mb=target.memory_budget_mb)
         atomic_write_json(folder / "bench.json", results)
-        return bench_stage.latency_summary(results)
+        return {"latency": bench_stage.latency_summary(results), "memory": bench_stage.memory_summary(results),
+                "roofline": bench_stage.roofline_all_targets(export_dir / "dense.onnx", export_dir / "pruned.onnx",
+                                                             data.input_shape)}
 
     bench_dir, _, bench = stages.run("bench", bench_key, do_bench)
 
@@ -260,21 +299,34 @@ def run_pipeline(cfg: Config) -> Path:
         "acc_pruned_bn_recalibrated": prune_metrics["acc_pruned_bn_recalibrated"],
         "acc_finetuned": ft["test_acc"],
         "acc_onnxruntime": exported["pruned"]["onnxruntime_test_acc"],
+        "acc_int8": quantized["acc_int8"],
+        "acc_int8_host": quantized["acc_int8_host"],
+        **({"acc_fp16": quantized["acc_fp16"]} if "acc_fp16" in quantized else {}),
         "onnx_parity_max_abs_diff": exported["pruned"]["parity_max_abs_diff"],
         **{k: prune_metrics[k] for k in ("flops_dense", "flops_pruned", "params_dense", "params_pruned",
                                          "channels_dense", "channels_removed")},
         "flops_ratio": prune_metrics["flops_pruned"] / prune_metrics["flops_dense"],
         "params_ratio": prune_metrics["params_pruned"] / prune_metrics["params_dense"],
-        "latency": {k: v for k, v in bench.items() if k != "seconds"},
+        "latency": bench["latency"],
+        "memory": bench["memory"],
+        "roofline": bench["roofline"],
         "finetune_history": ft["history"],
     }
+    files = {"model.onnx": export_dir / "pruned.onnx", "model.pt": ft_dir / "model.pt",
+             "architecture.json": prune_dir / "architecture.json", "rankings.json": rank_dir / "rankings.json",
+             "bench.json": bench_dir / "bench.json"}
+    files.update({name: quant_dir / name for name in quantized["files"]})
+    if engine.get("built"):
+        files[engine["file"]] = engine_dir / engine["file"]
+    model_files = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    if "model.fp16.onnx" in quantized["files"]:
+        model_files["fp16"] = "model.fp16.onnx"
+
+    def write_kit(folder: Path) -> None:
+        kit.write_kit(folder, model_files=model_files, target=target, labels=data.classes, mean=data.mean,
+                      std=data.std, input_size=data.input_shape)
+
     return bundle_stage.write_bundle(
-        out / run, cfg=cfg, target=pre.target, data=data, metrics=metrics,
-        files={"model.onnx": export_dir / "pruned.onnx", "model.pt": ft_dir / "model.pt",
-               "architecture.json": prune_dir / "architecture.json", "rankings.json": rank_dir / "rankings.json",
-               "bench.json": bench_dir / "bench.json"})
-
-
-def dataset_summary(data: Dataset) -> dict[str, Any]:
-    return {"name": data.name, "classes": data.classes, "train": len(data.train), "test": len(data.test),
-            "input_shape": list(data.input_shape), "mean": list(data.mean), "std": list(data.std)}
+        out / run, cfg=cfg, target=target, data=data, metrics=metrics, files=files, extra_writers=[write_kit],
+        extra={"precision": pre.precision, "engine": {k: v for k, v in engine.items() if k != "seconds"},
+               "quantization": quantized["quantization"]})

@@ -19,8 +19,11 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -161,16 +164,54 @@ def renyi_entropy(a: torch.Tensor, alpha: float = 1.01) -> torch.Tensor:
     return entropy_from_eigenvalues(eigvalsh(a), alpha)
 
 
+_BLAS: dict = {"controller": None, "users": 0, "saved": None}
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """NumPy's BLAS limited to one thread while any caller is inside (re-entrant across threads)."""
+    with _BLAS_LOCK:
+        if _BLAS["controller"] is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS["controller"] = ThreadpoolController()
+        if _BLAS["users"] == 0:
+            _BLAS["saved"] = _BLAS["controller"].limit(limits=1, user_api="blas")
+        _BLAS["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["users"] -= 1
+            if _BLAS["users"] == 0:
+                _BLAS["saved"].restore_original_limits()
+                _BLAS["saved"] = None
+
+
+def _cpu_eigvalsh(a: np.ndarray, workers: int) -> np.ndarray:
+    with _single_threaded_blas():
+        if a.ndim < 3 or workers < 2 or len(a) < 2:
+            return np.linalg.eigvalsh(a)
+        parts = np.array_split(a, min(workers, len(a)))
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            return np.concatenate(list(pool.map(np.linalg.eigvalsh, parts)))
+
+
 def eigvalsh(a: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of symmetric matrices ``(..., N, N)`` in float64, one batched call.
 
     ``torch.linalg.eigvalsh`` on CUDA. On the CPU the same LAPACK routine (syevd) is called
-    through NumPy: torch's multi-threaded MKL build was measured 10-20x slower than NumPy's
-    on a 2-core machine for batches of 256 x 256 matrices (thread over-subscription).
+    through NumPy with single-threaded BLAS, the batch split over ``torch.get_num_threads()``
+    worker threads: multi-threaded LAPACK inside one small (256 x 256) decomposition was
+    measured 10-40x slower on a shared 2-core machine (torch's MKL and NumPy's OpenBLAS alike).
     """
     a = a.to(torch.float64)
     if a.device.type == "cpu":
-        return torch.from_numpy(np.linalg.eigvalsh(a.detach().contiguous().numpy()))
+        arr = a.detach().contiguous().numpy()
+        flat = arr.reshape(-1, *arr.shape[-2:]) if arr.ndim > 2 else arr
+        lam = _cpu_eigvalsh(flat, torch.get_num_threads())
+        return torch.from_numpy(np.ascontiguousarray(lam.reshape(*arr.shape[:-1])))
     return torch.linalg.eigvalsh(a)
 
 

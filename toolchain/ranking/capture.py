@@ -10,6 +10,7 @@ one pass when they fit.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -77,10 +78,8 @@ def capture_features(model: nn.Module, layers: Sequence[PrunableLayer], images: 
             x = images[start:stop]
             if param is not None:
                 x = x.to(device=param.device, dtype=param.dtype)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(x)
-            except _StopForward:
-                pass
             if state["left"]:
                 missing = [layers[i].name for i in sorted(state["left"])]
                 raise RuntimeError(f"forward pass never reached layers {missing}")

@@ -194,9 +194,8 @@ def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condi
     y = torch.as_tensor(labels).reshape(-1).to(dev)
     if y.shape[0] != n:
         raise UserError(f"labels has {y.shape[0]} entries, features {n} samples")
-    if y.is_floating_point():
-        if not torch.equal(y, y.round()):
-            raise UserError("labels must be integers")
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        raise UserError("labels must be integers")
     y = y.long()
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise UserError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.backends.base import benchmark
+from toolchain.roofline import compare, load_onnx
+from toolchain.targets import list_targets
 
 SUMMARY = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_ips", "peak_rss_mb")
 
@@ -23,3 +25,34 @@ def latency_summary(results: dict[str, Any]) -> dict[str, Any]:
     return {name: {"backend": r["backend"], "device": r["device"], "threads": r["threads"], "status": r["status"],
                    "batches": {str(b["batch_size"]): {k: b[k] for k in SUMMARY} for b in r["batches"]}}
             for name, r in results.items()}
+
+
+def memory_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Per variant: does it fit the target's memory budget, its peak RSS, weights and largest activation."""
+    return {name: {"fits": r["fits"], "status": r["status"], "reason": r["reason"],
+                   "peak_rss_mb": r["peak_rss_mb"], "baseline_rss_mb": r["baseline_rss_mb"],
+                   "weights_bytes": r["weights_bytes"], "largest_activation_bytes": r["largest_activation_bytes"],
+                   "memory_budget_mb": r["memory_budget_mb"]}
+            for name, r in results.items()}
+
+
+def roofline_all_targets(dense_onnx: Path, pruned_onnx: Path, input_shape: tuple[int, int, int],
+                         batch: int = 1) -> dict[str, Any]:
+    """Roofline ESTIMATES, dense vs pruned, for every target profile at each precision it supports."""
+    dense, pruned = load_onnx(dense_onnx), load_onnx(pruned_onnx)
+    out: dict[str, Any] = {}
+    for target in list_targets():
+        out[target.name] = {}
+        for precision in target.precisions:
+            cmp = compare(dense, pruned, target, precision, batch, input_shape)
+            out[target.name][precision] = {"kind": "estimate", "batch": batch,
+                                           "dense_ms": cmp.dense.total_latency_s * 1e3,
+                                           "pruned_ms": cmp.pruned.total_latency_s * 1e3,
+                                           "bound_dense": _dominant_bound(cmp.dense),
+                                           "bound_pruned": _dominant_bound(cmp.pruned)}
+    return out
+
+
+def _dominant_bound(result) -> str:
+    compute = sum(layer.latency for layer in result.layers if layer.bound == "compute")
+    return "compute" if compute >= result.total_latency_s / 2 else "memory"

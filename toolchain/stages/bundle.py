@@ -36,7 +36,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_bundle(dest: Path, *, cfg: Config, target, data: Dataset, metrics: dict[str, Any],
-                 files: dict[str, Path], extra_writers=()) -> Path:
+                 files: dict[str, Path], extra_writers=(), extra: dict[str, Any] | None = None) -> Path:
     """Assemble the bundle at `dest` atomically. `extra_writers` are callables(folder) adding files."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -61,8 +61,10 @@ def write_bundle(dest: Path, *, cfg: Config, target, data: Dataset, metrics: dic
             "architecture": {"model": architecture["model"], "kept_counts": architecture["kept_counts"],
                              "dense_channels": architecture["channels"]},
             "metrics": metrics,
+            **(extra or {}),
         }
-        report_stage.write_report(tmp, manifest)
+        rankings = json.loads((tmp / "rankings.json").read_text()) if (tmp / "rankings.json").exists() else None
+        report_stage.write_report(tmp, manifest, rankings=rankings)
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -14,14 +15,53 @@ import torch
 from torch import nn
 
 from toolchain.errors import BuildError
+from toolchain.stages.prune import BorderBiasConv2d
 
 log = logging.getLogger("build_edge")
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, BorderBiasConv2d) or super().is_leaf_module(m, qualname)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy with every eval-mode BatchNorm that directly follows a conv folded into that conv.
+
+    Runtimes fold Conv+BN themselves, but not across the border-bias Add that channel removal may
+    leave after a conv; folding here keeps the exported graph Conv(+Add)+ReLU for every layer.
+    """
+    model = copy.deepcopy(model).eval()
+    graph = _Tracer().trace(model)
+    gm = torch.fx.GraphModule(model, graph)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm):
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, torch.fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and isinstance(modules[prev.target], nn.Conv2d)):
+            continue
+        conv, bn = modules[prev.target], modules[node.target]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+        if isinstance(conv, BorderBiasConv2d):
+            conv.border_bias.mul_(scale.view(-1, 1, 1))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path, *, opset: int = 18,
                 simplify: bool = True) -> dict:
     """Write a checked, simplified ONNX model with a dynamic batch axis (input 'input', output 'logits')."""
-    model = model.float().cpu().eval().to(memory_format=torch.contiguous_format)
+    model = fold_batchnorm(model.float().cpu().eval().to(memory_format=torch.contiguous_format))
     example = torch.randn(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     path = Path(path)

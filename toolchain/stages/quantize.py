@@ -1,0 +1,41 @@
+"""Quantize stage: symmetric INT8 Q/DQ ONNX (TensorRT explicit quantization), its TensorRT calibration
+cache, and a FP16 ONNX (TensorRT 11's FP16 path), with accuracy measured by ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain import calibration
+from toolchain.stages.data import Dataset
+from toolchain.util import atomic_write_json
+
+
+def quantize(fp32_onnx: Path, data: Dataset, folder: Path, *, samples: int, method: str, seed: int,
+             tensorrt_version: str, fp16: bool) -> dict[str, Any]:
+    """Writes model.int8.onnx, calibration.cache, calibration.json (and model.fp16.onnx) into `folder`."""
+    idx = calibration.select_calibration_set(data.train.labels.numpy(), n=samples, seed=seed)
+    images = data.normalize(data.train.images[idx]).numpy().astype(np.float32)
+    int8_path = folder / "model.int8.onnx"
+    info = calibration.quantize_int8(fp32_onnx, int8_path, images, method=method, per_channel=True)
+    scales = calibration.activation_scales_from_qdq(int8_path)
+    calibration.write_trt_calibration_cache(scales, folder / "calibration.cache", trt_version=tensorrt_version)
+    atomic_write_json(folder / "calibration.json", {"split": "train", "indices": idx.tolist(), "seed": seed,
+                                                    "method": method, "images": len(idx)})
+    test_images = data.normalize(data.test.images).numpy().astype(np.float32)
+    labels = data.test.labels.numpy()
+    result = {
+        "quantization": {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        # exact int8 arithmetic, as TensorRT's kernels compute it
+        "acc_int8": calibration.evaluate_onnx(int8_path, test_images, labels, mode="reference"),
+        # ONNX Runtime's fused int8 kernels on this host (saturate on x86 CPUs without VNNI)
+        "acc_int8_host": calibration.evaluate_onnx(int8_path, test_images, labels, mode="host"),
+        "files": ["model.int8.onnx", "calibration.cache", "calibration.json"],
+    }
+    if fp16:
+        calibration.to_fp16_onnx(fp32_onnx, folder / "model.fp16.onnx")
+        result["acc_fp16"] = calibration.evaluate_onnx(folder / "model.fp16.onnx", test_images, labels)
+        result["files"].append("model.fp16.onnx")
+    return result

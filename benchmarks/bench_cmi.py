@@ -38,6 +38,16 @@ from toolchain.info.renyi import renyi_entropy  # noqa: E402
 from toolchain.ranking.base import PrunableLayer  # noqa: E402
 from toolchain.ranking.capture import FeatureCapture  # noqa: E402
 from toolchain.ranking.cmi import rank_layer  # noqa: E402
+from toolchain.ranking.cutoffs import (  # noqa: E402
+    allocate_budget,
+    budget_cost,
+    full_curve,
+    knee_cutoff,
+    layer_costs,
+    parse_budget,
+    scree_cutoff,
+    xmeans_cutoff,
+)
 
 SHARED = ROOT.parent / "shared"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -107,7 +117,7 @@ def load_samples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(labels)
 
 
-def estimate_exact(feats: torch.Tensor, labels: torch.Tensor, alpha: float, device: torch.device) -> float:
+def estimate_exact(feats: torch.Tensor, alpha: float, device: torch.device) -> float:
     """Seconds that rank_layer would take at this alpha: time one batch of candidate entropies.
 
     The greedy loop evaluates sum_{k=1}^{C-1} (C-k+1) candidates with 2 entropies each; the
@@ -127,10 +137,12 @@ def estimate_exact(feats: torch.Tensor, labels: torch.Tensor, alpha: float, devi
     return per_candidate * candidates
 
 
-def run(alpha: float, device: torch.device, model, layers, images, labels, exact_layers: set[int] | None):
+def run(alpha: float, device: torch.device, model, layers, images, labels, exact_layers: set[int] | None,
+        show_cutoffs: bool = False, kernel: str = "exact", budgets: tuple[str, ...] = ()):
     model = model.to(device)
     cap = FeatureCapture(model, layers, images.to(device), device=device)
     rows, total, estimated, t_all = [], 0.0, False, time.perf_counter()
+    curves = []
     capture_s = 0.0
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
@@ -140,14 +152,19 @@ def run(alpha: float, device: torch.device, model, layers, images, labels, exact
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            res = rank_layer(feats, labels, num_classes=10, alpha=alpha, gamma=5.0, device=device)
+            res = rank_layer(feats, labels, num_classes=10, alpha=alpha, gamma=5.0, device=device, kernel=kernel)
+            curves.append(full_curve(res.cmi_total, res.cmi))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt, kind = time.perf_counter() - t0, "measured"
             extra = (f"sat@{res.saturation_step}" if res.saturated else "not saturated") + \
                 f", ties {res.tie_steps}/{layer.channels - 1}, cmi0 {res.cmi_total:.4f}, top {res.order[:5]}"
+            if show_cutoffs:
+                curve = full_curve(res.cmi_total, res.cmi)
+                extra += (f", keep scree {scree_cutoff(curve)} knee {knee_cutoff(curve)} "
+                          f"xmeans {xmeans_cutoff(curve)[0]}")
         else:
-            dt, kind, extra = estimate_exact(feats, labels, alpha, device), "est", ""
+            dt, kind, extra = estimate_exact(feats, alpha, device), "est", ""
             estimated = True
         cap.release(i)
         total += dt
@@ -155,9 +172,17 @@ def run(alpha: float, device: torch.device, model, layers, images, labels, exact
         print(f"  alpha={alpha:<5} {device.type:4} {layer.name:12} C={layer.channels:3d} "
               f"{layer.out_hw[0]:2d}x{layer.out_hw[1]:<2d} {dt:9.2f} s {kind:8} {extra}", flush=True)
     wall = time.perf_counter() - t_all
+    print(f"  load average now {os.getloadavg()[0]:.1f}", flush=True)
     tag = " (includes estimates)" if estimated else ""
-    print(f"  alpha={alpha} {device.type}: ranking total {total:.1f} s{tag}; feature capture {capture_s:.1f} s "
-          f"({cap.passes} forward passes); wall {wall:.1f} s", flush=True)
+    print(f"  alpha={alpha} {device.type} kernel={kernel}: ranking total {total:.1f} s{tag}; feature capture "
+          f"{capture_s:.1f} s ({cap.passes} forward passes); wall {wall:.1f} s", flush=True)
+    for text in budgets if len(curves) == len(layers) else ():
+        b = parse_budget(text)
+        coupled, out_only, producer = layer_costs(layers, b.kind)
+        channels = [layer.channels for layer in layers]
+        keep = allocate_budget(curves, channels, coupled, out_only, producer, b.fraction)
+        kept = budget_cost(keep, channels, coupled, out_only, producer)
+        print(f"  budget {b}: keep {keep} (kept {b.kind} fraction {kept:.3f})", flush=True)
     return total
 
 
@@ -170,6 +195,9 @@ def main() -> None:
                     help="layers ranked for real at alpha != 2 ('all', or comma-separated indices); others estimated")
     ap.add_argument("--devices", default="auto", help="cpu, cuda or auto (cpu, plus cuda when present)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    ap.add_argument("--cutoffs", action="store_true", help="also print the scree / knee / X-means keep counts")
+    ap.add_argument("--kernel", default="exact", choices=["exact", "adaptive"])
+    ap.add_argument("--budget", nargs="*", default=[], help="budgets to allocate from the curves, e.g. flops=0.4")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,10 +210,12 @@ def main() -> None:
     images, labels = load_samples(args.samples, args.seed)
     print(f"VGG16-BN CIFAR-10, {len(layers)} conv layers, N={len(labels)} class-balanced "
           f"({np.bincount(labels.numpy()).tolist()}), torch {torch.__version__}, {torch.get_num_threads()} CPU "
-          f"threads, {os.cpu_count()} cores, ln N = {math.log(len(labels)):.3f}", flush=True)
+          f"threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, ln N = {math.log(len(labels)):.3f}",
+          flush=True)
     for device in devices:
         for alpha in args.alpha:
-            run(alpha, device, model, layers, images, labels.to(device), exact)
+            run(alpha, device, model, layers, images, labels.to(device), exact, args.cutoffs, args.kernel,
+                tuple(args.budget))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,15 @@ from toolchain.util import sha256_file
 
 TINY = ["--dataset", "digits", "--model", "vgg11_bn", "--train-subset", "300", "--test-subset", "100",
         "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "64", "--rank-samples", "64",
-        "--bn-recalibration", "128", "--bench-runs", "20", "--quiet"]
+        "--bn-recalibration", "128", "--bench-runs", "20", "--bench-batch-sizes", "1", "--calibration-samples", "64",
+        "--quiet"]
 
 
 def _run_cli(args, capsys):
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -47,7 +51,13 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
         assert 0.0 <= m[key] <= 1.0
     assert 0.2 < m["flops_ratio"] < 0.35  # half the channels of every layer: about a quarter of the FLOPs
     assert m["params_pruned"] < m["params_dense"]
-    assert set(m["latency"]) == {"dense", "pruned"}
+    assert set(m["latency"]) == {"dense/fp32", "pruned/fp32", "pruned/int8"}
+    assert all(v["status"] == "ok" and "1" in v["batches"] for v in m["latency"].values())
+    assert 0.0 <= m["acc_int8"] <= 1.0 and set(m["roofline"]) >= {"jetson-orin-nano-8gb", "raspberry-pi-5"}
+    assert manifest["engine"]["built"] is False and manifest["engine"]["reason"]  # no TensorRT here
+    for name in ("model.int8.onnx", "calibration.cache", "kit/build_engine.sh", "kit/bench_on_device.py",
+                 "report.html"):
+        assert name in manifest["files"], name
     assert manifest["config"]["criterion"] == "l1" and manifest["config"]["distill"] is True
     assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
     arch = json.loads((bundle / "architecture.json").read_text())
@@ -59,11 +69,38 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-3)
     assert not list(tmp_path.glob(".tiny.partial-*"))
+    _device_round_trip(bundle, tmp_path)
     # re-running with the same config reuses every stage and rewrites the same bundle
     code, _, err = _run_cli([*TINY, "--out", str(tmp_path), "--run-name", "tiny", "--keep-ratio", "0.5",
                              "--distill"], capsys)
     assert code == 0, err
     assert json.loads((bundle / "manifest.json").read_text())["metrics"]["acc_finetuned"] == m["acc_finetuned"]
+
+
+def _device_round_trip(bundle: Path, tmp_path: Path) -> None:
+    """The kit measures the real bundle (ONNX Runtime here), bench-edge folds two results back into the
+    report, and the rewritten manifest still verifies on the device."""
+    from toolchain.cli import bench_main
+
+    kit = [sys.executable, str(bundle / "kit" / "bench_on_device.py"), "--backend", "onnxruntime", "--iters", "3",
+           "--warmup", "0", "--min-seconds", "0", "--threads", "1"]
+    results = []
+    for i, precision in enumerate(("fp32", "int8")):
+        out = tmp_path / f"device{i}.json"
+        proc = subprocess.run([*kit, "--precision", precision, "--batch-sizes", "1", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        results.append(out)
+    assert bench_main([str(bundle), str(results[0])]) == 0
+    assert bench_main([str(bundle), str(results[1])]) == 0  # measured before the first merge: still this bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {row["precision"] for row in manifest["device_results"]} == {"fp32", "int8"}
+    assert "device_latency.png" in (bundle / "report.html").read_text()
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(bundle / rel) == digest, rel
+    check = subprocess.run([sys.executable, str(bundle / "kit" / "bench_on_device.py"), "--check-only"],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
 
 
 def _assert_refused(tmp_path, capsys, args, needle):

@@ -77,6 +77,40 @@ def _ref_rank(features, labels, num_classes, alpha, gamma=5.0, condition=()):
     return sel + rest, cmis
 
 
+def _ref_rank_adaptive(features, labels, alpha, condition=()):
+    """Adaptive kernels the slow way: median-normalised distances, mean over the set, indicator labels."""
+    features = np.asarray(features, dtype=np.float64)
+    n, c = features.shape[:2]
+
+    def ndist(v):
+        v = v.reshape(n, -1)
+        dist = ((v[:, None, :] - v[None, :, :]) ** 2).sum(-1)
+        pairs = np.sort(dist[np.triu_indices(n, 1)])
+        med = pairs[(len(pairs) - 1) // 2]  # lower median, as torch.median
+        return dist / med
+
+    dts = [ndist(features[:, j]) for j in range(c)]
+    p = [ndist(np.asarray(m, dtype=np.float64)[:, j]) for m in condition for j in range(m.shape[1])]
+    ky = (np.asarray(labels)[:, None] == np.asarray(labels)[None, :]).astype(np.float64)
+    kern = lambda ds: np.exp(-sum(ds) / len(ds)) if ds else np.ones((n, n))  # noqa: E731
+    ent = lambda k: _ref_entropy(k, alpha)  # noqa: E731
+    single = [ent(ky) + ent(kern([dt])) - ent(kern([dt]) * ky) for dt in dts]
+    sel, rest, cmis = [], list(range(c)), []
+    while len(rest) > 1:
+        mi = {}
+        for j in rest:
+            k = kern(p + [dts[i] for i in sel] + [dts[j]])
+            mi[j] = ent(ky) + ent(k) - ent(k * ky)
+        best = max(mi.values())
+        s = min((j for j in rest if mi[j] >= best - cmi_mod.TIE_TOL), key=lambda j: (-single[j], j))
+        sel.append(s)
+        rest.remove(s)
+        z = p + [dts[i] for i in sel]
+        rz = z + [dts[i] for i in rest]
+        cmis.append(ent(kern(rz)) + ent(ky * kern(z)) - ent(ky * kern(rz)) - ent(kern(z)))
+    return sel + rest, cmis
+
+
 def _layer_data(seed=0, n=30, c=7, classes=3, hw=2):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % classes
@@ -101,6 +135,35 @@ def test_rank_layer_matches_slow_reference(alpha, conditioned):
     np.testing.assert_allclose(res.cmi, ref_cmi, rtol=0, atol=1e-6)
     assert res.tie_steps == 0 and not res.saturated  # the comparison is about real decisions
     assert len(set(np.round(np.diff(ref_cmi), 8))) > 2  # a non-trivial curve
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.01])
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_rank_layer_adaptive_matches_slow_reference(alpha, conditioned):
+    f, y = _layer_data(seed=4 + conditioned)
+    cond = ()
+    if conditioned:
+        g = torch.Generator().manual_seed(5)
+        cond = (torch.relu(torch.randn(30, 2, 3, 3, generator=g, dtype=torch.float64) + f[:, :2, :1, :1]),)
+    res = rank_layer(f, y, num_classes=3, alpha=alpha, condition=cond, kernel="adaptive")
+    ref_order, ref_cmi = _ref_rank_adaptive(f.numpy(), y.numpy(), alpha, condition=[m.numpy() for m in cond])
+    assert res.order == ref_order
+    np.testing.assert_allclose(res.cmi, ref_cmi, rtol=0, atol=1e-6)
+    assert res.kernel == "adaptive" and len(res.sigma) == f.shape[1] and res.sigma_labels == 0.0
+    assert res.entropy_labels == pytest.approx(math.log(3))  # indicator kernel, balanced classes
+    json.dumps(res.to_info())
+
+
+def test_adaptive_kernel_does_not_saturate_where_exact_does():
+    # many weakly related channels: the exact running product collapses to I/N, the mean kernel does not
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    f = torch.relu(torch.randn(40, 24, 4, 4, generator=g, dtype=torch.float64) + 0.5 * y[:, None, None, None])
+    exact = rank_layer(f, y, num_classes=4, alpha=2.0, gamma=2.0)
+    adaptive = rank_layer(f, y, num_classes=4, alpha=2.0, kernel="adaptive")
+    assert exact.saturated and exact.tie_steps > 0
+    assert not adaptive.saturated and adaptive.tie_steps == 0
+    assert max(adaptive.joint_entropy) < 0.99 * math.log(40)
 
 
 def test_rank_layer_float32_numpy_input_and_numbers():
@@ -169,6 +232,8 @@ def test_rank_layer_validates_input():
         rank_layer(f, y[:-1], num_classes=3)
     with pytest.raises(UserError):
         rank_layer(f, y, num_classes=3, condition=[f[:-1]])
+    with pytest.raises(UserError):
+        rank_layer(f, y, num_classes=3, kernel="median")
 
 
 # ---------------------------------------------------------------- a tiny network
@@ -321,6 +386,7 @@ def test_criterion_budget_and_permutation():
     {"formulation": "layerwise"}, {"order": "backward"}, {"cutoff": "elbow"}, {"alpha": 0}, {"alpha": "x"},
     {"gamma": -1}, {"permutations": 0}, {"permutations": 2.5}, {"eta": 1.5}, {"budget": "flops=1.5"},
     {"budget": "latency=3"}, {"cutoff": "ratio"}, {"cutoff": "ratio", "keep_ratio": 0}, {"typo": 1},
+    {"kernel": "median"},
 ])
 def test_bad_options_raise_user_error(options):
     with pytest.raises(UserError) as err:
@@ -330,5 +396,5 @@ def test_bad_options_raise_user_error(options):
 
 def test_option_defaults():
     o = parse_options({"samples": 256})
-    assert (o.formulation, o.order, o.cutoff, o.budget, o.alpha, o.gamma, o.permutations, o.eta) == \
-        ("per-layer", "forward", "scree", None, 2.0, 5.0, 100, 0.05)
+    assert (o.formulation, o.order, o.cutoff, o.budget, o.alpha, o.gamma, o.permutations, o.eta, o.kernel) == \
+        ("per-layer", "forward", "scree", None, 2.0, 5.0, 100, 0.05, "exact")

@@ -179,7 +179,7 @@ def test_estimates_are_labelled(full_report):
     assert "| jetson-orin-nano-8gb (this bundle) | fp32 |" not in section
     assert "| raspberry-pi-5 | fp32 | 13.1" in section and "| raspberry-pi-5 | int8 | 3.370 |" in section
     # measured numbers are said to be measured, and where
-    assert "## Latency on this host (measured)" in md and "x86_64 Linux host, 2 CPUs (AMD EPYC)" in md
+    assert "## Latency on this host (measured)" in md and "this host (x86_64 Linux, 2 CPUs, AMD EPYC)" in md
 
 
 def test_summary_matches_manifest(full_report):
@@ -191,7 +191,7 @@ def test_summary_matches_manifest(full_report):
     assert "| 41.20% |" in _row(rows, "top-1 right after channel removal")
     assert "| 80.15% |" in _row(rows, "top-1 after BN re-estimation")
     assert "| 91.86% |" in _row(rows, "top-1 of the exported ONNX")
-    assert "| 91.50% |" in _row(rows, "top-1 INT8")
+    assert "| 91.50% |" in _row(rows, "top-1 INT8 (pruned")
     flops = _row(rows, "FLOPs per image")
     assert "305.54 M" in flops and "98.77 M" in flops and f"{100 * m['flops_ratio']:.2f}% of dense" in flops
     assert f"{100 * m['params_ratio']:.2f}% of dense" in _row(rows, "parameters")
@@ -246,3 +246,25 @@ def test_minimal_manifest_still_reports(tmp_path):
     written = write_report(bare, {"metrics": {}, "config": {}, "architecture": {}, "target": "x86-cpu"})
     assert [p.name for p in written] == ["report.md", "report.html"]
     assert "x86-cpu" in (bare / "report.md").read_text() and not (bare / "plots").exists()
+
+
+def test_odd_values_and_a_failing_plot_do_not_fail_the_bundle(tmp_path, monkeypatch):
+    from toolchain.stages import report
+
+    manifest = make_manifest()
+    m = manifest["metrics"]
+    m["roofline"] = {"x86-cpu": "n/a", "raspberry-pi-5": {"fp32": {"dense_ms": None, "pruned_ms": None}}}
+    m["memory"] = {"pruned/fp32": {"fits": None, "status": "error", "peak_rss_mb": None, "weights_bytes": None}}
+    m["latency"]["pruned/int8"]["batches"]["1"]["p50_ms"] = "n/a"
+    m["acc_finetuned"] = float("nan")
+
+    def boom(_manifest):
+        raise RuntimeError("no luck")
+
+    monkeypatch.setattr(report, "_plot_channels", boom)
+    written = write_report(tmp_path, manifest, rankings={"features.0": {"info": {"cmi": []}}}, sweep=[{"label": "x"}])
+    md = (tmp_path / "report.md").read_text()
+    assert "could not be drawn: RuntimeError: no luck" in md
+    assert not (tmp_path / "plots" / "channels_per_layer.png").exists()
+    assert "Roofline" not in md and "| pruned/fp32 | unknown | - |" in md
+    assert {p.name for p in written} >= {"report.md", "report.html", "latency.png", "memory.png"}

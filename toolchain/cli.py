@@ -154,9 +154,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", help="JSON files written by bench_on_device.py")
     args = parser.parse_args(argv)
     try:
-        from toolchain.kit import merge_device_results
+        from toolchain.stages.bundle import add_device_results
 
-        merged = merge_device_results(args.bundle, args.results)
+        merged = add_device_results(args.bundle, args.results)
     except UserError as e:
         sys.stderr.write(f"bench-edge: error: {e}\n")
         return 2

@@ -97,6 +97,14 @@ def preflight(cfg: Config) -> Preflight:
     state = None
     if cfg.checkpoint:
         state = baseline_stage.read_checkpoint(cfg.checkpoint, cfg.model, num_classes)
+    if cfg.keep:  # per-layer names must name prunable layers: check now, not after training
+        model = create_model(cfg.model, num_classes=num_classes).eval()
+        names = {layer.name for layer in prune_stage.find_prunable_layers(
+            model, torch.zeros(2, 3, cfg.image_size, cfg.image_size))}
+        unknown = sorted(set(cfg.keep) - names)
+        if unknown:
+            raise UserError(f"keep: unknown layer(s) {', '.join(unknown)}; prunable layers of {cfg.model}: "
+                            f"{', '.join(sorted(names))}")
     return Preflight(target, precision, device, state, num_classes)
 
 

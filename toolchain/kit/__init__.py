@@ -232,11 +232,13 @@ def _summary_row(result: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str,
     }
 
 
-def merge_device_results(bundle_dir: Path, result_json_paths: Sequence[Path]) -> dict[str, Any]:
+def merge_device_results(bundle_dir: Path, result_json_paths: Sequence[Path], *,
+                         build_sha256: str | None = None) -> dict[str, Any]:
     """Fold on-device results into ``<bundle>/device_results.json`` (deduplicated); returns the merged table.
 
     A result must come from this very bundle: the manifest.json sha256 it verified on the device must be
-    the bundle's (UserError otherwise, e.g. a result of an older build).
+    the bundle's (UserError otherwise, e.g. a result of an older build). `build_sha256` is the sha256 of the
+    manifest as built, for bundles whose manifest was rewritten since (merging results re-renders the report).
     """
     bundle_dir = Path(bundle_dir)
     manifest = bundle_dir / "manifest.json"
@@ -244,7 +246,7 @@ def merge_device_results(bundle_dir: Path, result_json_paths: Sequence[Path]) ->
         raise UserError(f"{bundle_dir} is not a bundle (no manifest.json)")
     if not result_json_paths:
         raise UserError("no device result given")
-    manifest_sha = _sha256(manifest)
+    manifest_sha = build_sha256 or _sha256(manifest)
     out_path = bundle_dir / RESULTS_FILE
     merged: dict[str, Any] = {"schema": RESULTS_SCHEMA, "manifest_sha256": manifest_sha, "results": []}
     if out_path.is_file():

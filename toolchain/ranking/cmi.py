@@ -68,9 +68,9 @@ class CMIRanking:
     joint_entropy: list[float]  # C-1 values: S(P u S_k)
     p_values: list[float] | None  # permutation p-value of each tested step (stop="permutation")
     selected: int | None  # channels kept by the permutation stop (None without it)
-    sigma: float  # kernel width of the layer's channels
-    sigma_labels: float
-    sigma_condition: list[float]  # one width per conditioning map
+    sigma: float | list[float]  # kernel width of the layer's channels (one per channel: adaptive)
+    sigma_labels: float  # 0.0: the class-indicator kernel (adaptive)
+    sigma_condition: list  # one width per conditioning map (adaptive: a list per map)
     entropy_labels: float  # S(Y)
     entropy_condition: float  # S(P) (0 when P is empty)
     entropy_all: float  # S(P u all channels)
@@ -80,6 +80,7 @@ class CMIRanking:
     alpha: float
     gamma: float
     n: int
+    kernel: str = "exact"
     seconds: float = 0.0
 
     @property
@@ -89,7 +90,7 @@ class CMIRanking:
 
     @property
     def widths(self) -> dict[str, Any]:
-        return {"channels": self.sigma, "labels": self.sigma_labels, "condition": list(self.sigma_condition)}
+        return {"channels": self.sigma, "labels": self.sigma_labels, "condition": self.sigma_condition}
 
     def to_info(self) -> dict[str, Any]:
         """JSON-able summary (for ``LayerRanking.info``)."""
@@ -101,7 +102,7 @@ class CMIRanking:
             "p_values": None if self.p_values is None else [float(p) for p in self.p_values],
             "selected": self.selected,
             "widths": self.widths,
-            "kernel": "paper",
+            "kernel": self.kernel,
             "entropy_labels": float(self.entropy_labels),
             "entropy_condition": float(self.entropy_condition),
             "entropy_all": float(self.entropy_all),
@@ -153,33 +154,261 @@ def _check_int(name: str, value: Any, lo: int) -> int:
     return v
 
 
-def _sum_exponents(maps: torch.Tensor, sigma: float, device: torch.device, out: torch.Tensor) -> None:
-    """``out += sum_c D_c / (2 sigma^2)`` over the channels of ``maps`` (N, C, d), chunked."""
+KERNELS = ("exact", "adaptive")
+
+
+def _packed(m: torch.Tensor, iu: torch.Tensor) -> torch.Tensor:
+    return m[..., iu[0], iu[1]]
+
+
+def _unpack(p: torch.Tensor, iu: torch.Tensor, n: int, diag: float) -> torch.Tensor:
+    """Symmetric (N, N) matrix from its packed upper triangle (pairs i < j) and a constant diagonal."""
+    g = torch.zeros(n, n, dtype=p.dtype, device=p.device)
+    g[iu[0], iu[1]] = p
+    g = g + g.T
+    g.diagonal().fill_(diag)
+    return g
+
+
+def _channel_chunks(maps: torch.Tensor, device: torch.device):
+    """Squared-distance matrices (c, N, N) of the channels of ``maps`` (N, C, d), in chunks."""
     n, c, d = maps.shape
     step = max(1, _CHUNK_ELEMS // max(n * max(d, n), 1))
     for a in range(0, c, step):
-        chunk = maps[:, a:a + step].to(device).transpose(0, 1)
-        out += squared_distances(chunk).sum(0) / (2.0 * sigma * sigma)
+        yield a, squared_distances(maps[:, a:a + step].to(device).transpose(0, 1))
+
+
+class _Exact:
+    """The paper's kernels: Gaussian, widths ``gamma N^(-1/(4+d))``; a set's Gram is the Hadamard
+    product of its channels' Grams (a running product), the labels' Gram a Gaussian on one-hot codes.
+
+    alpha = 2 keeps the squared kernels packed (pairs i < j) and the running Gram G packed: every
+    kernel has a unit diagonal, so G keeps its diagonal 1/N, and with w = 2 G_ij^2,
+    ``||G o K_j||_F^2 = sum_i G_ii^2 + <w, K_j^2>`` for all candidates in one matrix product.
+    """
+
+    def __init__(self, x, cond, y, num_classes, alpha, gamma, dev):
+        n, c, d = x.shape
+        self.x, self.n, self.c, self.alpha, self.dev = x, n, c, alpha, dev
+        self.ent = lambda a: renyi_entropy(a, alpha)
+        self.sigma = paper_sigma(n, d, gamma)
+        self.sigma_y = paper_sigma(n, num_classes, gamma)
+        self.sigma_cond = [paper_sigma(n, m.shape[2], gamma) for m in cond]
+        self.k_y = label_gram(y, num_classes, self.sigma_y, normalize=False)  # unit diagonal
+        f64 = torch.float64
+        self.e_p = torch.zeros(n, n, dtype=f64, device=dev)
+        for m, sig in zip(cond, self.sigma_cond):
+            for _, dist in _channel_chunks(m, dev):
+                self.e_p += dist.sum(0) / (2.0 * sig * sig)
+        self.fast = alpha == 2.0
+        self.iu = iu = torch.triu_indices(n, n, offset=1, device=dev)
+        self.e_all = torch.zeros(n, n, dtype=f64, device=dev)
+        self.store = torch.empty((c, iu.shape[1]) if self.fast else (c, n, n), dtype=f64, device=dev)
+        for a, dist in _channel_chunks(x, dev):
+            e = dist / (2.0 * self.sigma * self.sigma)
+            del dist
+            self.e_all += e.sum(0)
+            self.store[a:a + e.shape[0]] = torch.exp(-2.0 * _packed(e, iu)) if self.fast else torch.exp(-e)
+            del e
+        g = torch.exp(-self.e_p)
+        g /= g.diagonal().sum()  # unit-trace Gram of P (all-ones / N when P is empty)
+        ent, k_y = self.ent, self.k_y
+        self.s_y = float(ent(k_y))
+        self.s_p = float(ent(g))
+        self.i_p = self.s_y + self.s_p - float(ent(g * k_y))
+        full = torch.exp(-(self.e_all + self.e_p))
+        self.s_all = float(ent(full))
+        self.i_all = self.s_y + self.s_all - float(ent(full * k_y))
+        del full
+        if self.fast:
+            self.gp = _packed(g, iu).contiguous()
+            self.kyp = _packed(k_y, iu).contiguous()
+            self.diag2 = float((g.diagonal() ** 2).sum())
+            self.w = torch.empty(2, iu.shape[1], dtype=f64, device=dev)
+        else:
+            self.g = g
+        self.secondary = None  # exact mode: ties go to the lowest index
+
+    def widths(self) -> dict[str, Any]:
+        return {"channels": self.sigma, "labels": self.sigma_y, "condition": list(self.sigma_cond)}
+
+    def evaluate(self, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """S(P u S u {j}) and S(Y, P u S u {j}) for the candidates in rows [0, left), on the CPU."""
+        if self.fast:
+            w = self.w
+            torch.mul(self.gp, self.gp, out=w[0])
+            torch.mul(self.gp, self.kyp, out=w[1])
+            w[1].square_()
+            w.mul_(2.0)
+            vals = self.store[:left] @ w.T
+            vals += self.diag2
+            vals = (-torch.log(vals)).cpu()
+            return vals[:, 0], vals[:, 1]
+        hs, hys = [], []
+        chunk = max(1, _CHUNK_ELEMS // (self.n * self.n))
+        for a in range(0, left, chunk):
+            prod = self.g * self.store[a:min(a + chunk, left)]
+            hs.append(self.ent(prod))
+            hys.append(self.ent(prod * self.k_y))
+        return torch.cat(hs).cpu(), torch.cat(hys).cpu()
+
+    def add(self, r: int) -> None:
+        if self.fast:
+            self.gp *= self.store[r].sqrt()  # K_s = sqrt(K_s^2): no recomputation
+        else:
+            self.g = self.g * self.store[r]
+            self.g /= self.g.diagonal().sum()
+
+    def swap(self, r: int, last: int) -> None:
+        self.store[[r, last]] = self.store[[last, r]]
+
+    def permutation_p(self, ch: int, cmi_true: float, permutations: int, gen: torch.Generator) -> float:
+        """Call before ``add``: the running Gram is still that of P u S without the channel."""
+        e_s = squared_distances(self.x[:, ch].to(self.dev).unsqueeze(0))[0] / (2.0 * self.sigma * self.sigma)
+        g_prev = _unpack(self.gp, self.iu, self.n, 1.0 / self.n) if self.fast else self.g
+        k_rest = torch.exp(-(self.e_all + self.e_p - e_s))
+        return _permutation_p(torch.exp(-e_s), lambda kp: g_prev * kp, lambda kp: k_rest * kp, self.k_y,
+                              self.s_y, cmi_true, permutations, gen, self.ent)
+
+
+class _Adaptive:
+    """Data-adaptive kernels (ALGORITHMS.md section 5, point 2): no collapse as the set grows.
+
+    Channel j: ``D~_j = D_j / median_{i<k} D_j`` (its width is the median heuristic,
+    ``sigma_j = sqrt(median / 2)``); a set Z of channels (conditioning channels included) has the
+    kernel ``exp(-mean_{c in Z} D~_c)``: running sums of normalised distances instead of running
+    products, so the kernel of a growing set stays on the same scale. Labels: the class-indicator
+    kernel (different classes are orthogonal). The chain rule holds as in the exact mode (the
+    kernel of R u P u S is that of the whole layer). Ties are broken by the single-channel MI
+    with the labels, then by index.
+    """
+
+    def __init__(self, x, cond, y, num_classes, alpha, gamma, dev):
+        n, c, _ = x.shape
+        self.x, self.n, self.c, self.alpha, self.dev = x, n, c, alpha, dev
+        self.ent = lambda a: renyi_entropy(a, alpha)
+        f64 = torch.float64
+        self.fast = alpha == 2.0
+        self.iu = iu = torch.triu_indices(n, n, offset=1, device=dev)
+        self.k_y = (y[:, None] == y[None, :]).to(f64)
+        self.same = _packed(self.k_y, iu).contiguous()
+        self.t_p = torch.zeros(n, n, dtype=f64, device=dev)
+        self.n_p = 0
+        self.sigma_cond = []
+        for m in cond:
+            sig = []
+            for _, dist in _channel_chunks(m, dev):
+                dt, med = self._normalise(dist)
+                self.t_p += dt.sum(0)
+                sig += med.div(2).sqrt().tolist()
+            self.n_p += m.shape[1]
+            self.sigma_cond.append(sig)
+        self.t_all = torch.zeros(n, n, dtype=f64, device=dev)
+        self.store = torch.empty((c, iu.shape[1]) if self.fast else (c, n, n), dtype=f64, device=dev)
+        self.medians = torch.empty(c, dtype=f64)
+        for a, dist in _channel_chunks(x, dev):
+            dt, med = self._normalise(dist)
+            del dist
+            self.medians[a:a + len(med)] = med.cpu()
+            self.t_all += dt.sum(0)
+            self.store[a:a + dt.shape[0]] = _packed(dt, iu) if self.fast else dt
+            del dt
+        ent, k_y = self.ent, self.k_y
+        self.s_y = float(ent(k_y))
+        kz = self._kernel(self.t_p, self.n_p)
+        self.s_p = float(ent(kz))
+        self.i_p = self.s_y + self.s_p - float(ent(kz * k_y))
+        full = self._kernel(self.t_all + self.t_p, c + self.n_p)
+        self.s_all = float(ent(full))
+        self.i_all = self.s_y + self.s_all - float(ent(full * k_y))
+        del full, kz
+        self.count = self.n_p
+        if self.fast:
+            self.tz = _packed(self.t_p, iu).contiguous()
+            self.reduce = torch.stack([torch.ones_like(self.same), self.same], 1)  # all pairs, same-class pairs
+        else:
+            self.tz = self.t_p.clone()
+        # tie-break: I(Y; channel j) alone, the same estimator
+        saved = self.tz, self.count
+        self.tz, self.count = torch.zeros_like(self.tz), 0
+        h, hy = self.evaluate(c)
+        self.tz, self.count = saved
+        self.secondary = (self.s_y + h - hy).tolist()
+
+    @staticmethod
+    def _normalise(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = dist.shape[-1]
+        iu = torch.triu_indices(n, n, offset=1, device=dist.device)
+        pairs = _packed(dist, iu)
+        med = pairs.median(dim=-1).values  # torch: the lower middle value for an even count
+        med = torch.where(med > 0, med, pairs.mean(-1))  # mostly-duplicate channels: the mean
+        scale = torch.where(med > 0, med, torch.ones_like(med))  # constant channel: distances stay 0
+        return dist / scale[:, None, None], med
+
+    def _kernel(self, t: torch.Tensor, count: int) -> torch.Tensor:
+        return torch.exp(-t / count) if count else torch.ones_like(t)
+
+    def widths(self) -> dict[str, Any]:
+        return {"channels": self.medians.div(2).sqrt().tolist(), "labels": 0.0, "condition": self.sigma_cond}
+
+    def evaluate(self, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, scale = self.n, -1.0 / (self.count + 1)
+        if self.fast:
+            # ||K||_F^2 = N + 2 sum_{i<k} K_ik^2 with K = exp(-(T_Z + D~_j) / (|Z| + 1)), over N^2
+            chunk = max(1, _CHUNK_ELEMS // self.store.shape[1])
+            out = []
+            for a in range(0, left, chunk):
+                buf = torch.add(self.store[a:min(a + chunk, left)], self.tz)
+                buf.mul_(2.0 * scale).exp_()
+                out.append(buf @ self.reduce)
+            vals = torch.cat(out).mul_(2.0).add_(n).div_(n * n)
+            vals = (-torch.log(vals)).cpu()
+            return vals[:, 0], vals[:, 1]
+        hs, hys = [], []
+        chunk = max(1, _CHUNK_ELEMS // (n * n))
+        for a in range(0, left, chunk):
+            k = torch.exp((self.store[a:min(a + chunk, left)] + self.tz) * scale)
+            hs.append(self.ent(k))
+            hys.append(self.ent(k * self.k_y))
+        return torch.cat(hs).cpu(), torch.cat(hys).cpu()
+
+    def add(self, r: int) -> None:
+        self.tz = self.tz + self.store[r]
+        self.count += 1
+
+    def swap(self, r: int, last: int) -> None:
+        self.store[[r, last]] = self.store[[last, r]]
+
+    def permutation_p(self, ch: int, cmi_true: float, permutations: int, gen: torch.Generator) -> float:
+        dist = squared_distances(self.x[:, ch].to(self.dev).unsqueeze(0))
+        dt_s = self._normalise(dist)[0][0]
+        tz = _unpack(self.tz, self.iu, self.n, 0.0) if self.fast else self.tz
+        rest = self.t_all + self.t_p - dt_s
+        cz, call = self.count + 1, self.c + self.n_p
+        return _permutation_p(dt_s, lambda dp: torch.exp(-(tz + dp) / cz), lambda dp: torch.exp(-(rest + dp) / call),
+                              self.k_y, self.s_y, cmi_true, permutations, gen, self.ent)
 
 
 @torch.no_grad()
 def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condition=(), stop=None,
-               permutations=100, eta=0.05, seed=0, device=None) -> CMIRanking:
+               permutations=100, eta=0.05, seed=0, device=None, kernel="exact") -> CMIRanking:
     """Rank the C channels of one layer by greedy CMI selection (ALGORITHMS.md section 2).
 
     ``features``: (N, C, H, W) post-BN-ReLU maps (tensor or array); ``labels``: (N,) ints in
     ``[0, num_classes)``; ``condition``: maps (N, Ci, Hi, Wi) of previously pruned layers (their
-    kept channels), every channel of which joins the conditioning set P. Kernel widths are the
-    paper's, ``gamma * N^(-1/(4+d))`` (d = H*W, K for the labels). Ties in the greedy argmax
-    (within ``TIE_TOL`` nats) go to the lowest channel index. With ``stop="permutation"`` every
-    step is tested with ``permutations`` row permutations of the added channel until the first
-    step with ``p >= eta``; ``selected`` is then the number of channels before it, and the
-    greedy order is completed without further tests. Runs on ``device`` (default: the
-    features' device); float64 throughout.
+    kept channels), every channel of which joins the conditioning set P. ``kernel="exact"``
+    (default): the paper's Gaussian widths ``gamma * N^(-1/(4+d))`` (d = H*W, K for the labels)
+    and Hadamard products; ties in the greedy argmax (within ``TIE_TOL`` nats) go to the lowest
+    channel index. ``kernel="adaptive"``: median-heuristic widths, a non-collapsing set kernel
+    and ties broken by single-channel MI (see ``_Adaptive``; ``gamma`` is unused). With
+    ``stop="permutation"`` every step is tested with ``permutations`` row permutations of the
+    added channel until the first step with ``p >= eta``; ``selected`` is then the number of
+    channels before it, and the greedy order is completed without further tests. Runs on
+    ``device`` (default: the features' device); float64 throughout.
     """
     t0 = time.perf_counter()
     x = _as_maps(features, "features")
-    n, c, d = x.shape
+    n, c, _ = x.shape
     if n < 2:
         raise UserError(f"rank_layer needs at least 2 samples, got {n}")
     num_classes = _check_int("num_classes", num_classes, 1)
@@ -187,6 +416,8 @@ def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condi
     gamma = _check_number("gamma", gamma, 0.0)
     if stop not in (None, "permutation"):
         raise UserError(f"stop must be None or 'permutation', got {stop!r}")
+    if kernel not in KERNELS:
+        raise UserError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if stop == "permutation":
         permutations = _check_int("permutations", permutations, 1)
         eta = _check_number("eta", eta, 0.0, 1.0)
@@ -201,56 +432,9 @@ def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condi
         raise UserError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
     cond = [_as_maps(m, f"condition[{i}]", n) for i, m in enumerate(condition)]
 
-    f64 = torch.float64
-    ent = lambda a: renyi_entropy(a, alpha)  # noqa: E731 (normalises to unit trace itself)
-    sigma = paper_sigma(n, d, gamma)
-    sigma_y = paper_sigma(n, num_classes, gamma)
-    sigma_cond = [paper_sigma(n, m.shape[2], gamma) for m in cond]
-    k_y = label_gram(y, num_classes, sigma_y, normalize=False)  # diagonal 1
-
-    e_p = torch.zeros(n, n, dtype=f64, device=dev)
-    for m, s in zip(cond, sigma_cond):
-        _sum_exponents(m, s, dev, e_p)
-
-    # per-channel kernels: squared off-diagonal upper triangles (alpha = 2) or full kernels
-    fast = alpha == 2.0
-    iu = torch.triu_indices(n, n, offset=1, device=dev)  # pairs i < j
-    e_all = torch.zeros(n, n, dtype=f64, device=dev)
-    store = torch.empty((c, iu.shape[1]) if fast else (c, n, n), dtype=f64, device=dev)
-    step = max(1, _CHUNK_ELEMS // max(n * max(d, n), 1))
-    for a in range(0, c, step):
-        e = squared_distances(x[:, a:a + step].to(dev).transpose(0, 1)) / (2.0 * sigma * sigma)
-        e_all += e.sum(0)
-        if fast:
-            store[a:a + e.shape[0]] = torch.exp(-2.0 * e[:, iu[0], iu[1]])
-        else:
-            store[a:a + e.shape[0]] = torch.exp(-e)
-        del e
-
-    def channel_exponent(ch: int) -> torch.Tensor:
-        return squared_distances(x[:, ch].to(dev).unsqueeze(0))[0] / (2.0 * sigma * sigma)
-
-    s_y = float(ent(k_y))
-    g = torch.exp(-e_p)
-    g /= g.diagonal().sum()  # unit-trace running Gram of P u S (all-ones / N when P is empty)
-    s_p = float(ent(g))
-    i_p = s_y + s_p - float(ent(g * k_y))
-    full = torch.exp(-(e_all + e_p))
-    s_all = float(ent(full))
-    i_all = s_y + s_all - float(ent(full * k_y))
-    del full
-    if fast:
-        # Every kernel has a unit diagonal, so G keeps its diagonal 1/N (trace 1) under Hadamard
-        # products: only its packed off-diagonal part changes. With w = 2 G_ij^2 over pairs i < j,
-        # ||G o K_j||_F^2 = sum_i G_ii^2 + <w, K_j^2>, for all candidates in one matrix product.
-        gp = g[iu[0], iu[1]].contiguous()
-        kyp = k_y[iu[0], iu[1]].contiguous()
-        diag2 = float((g.diagonal() ** 2).sum())
-        w = torch.empty(2, iu.shape[1], dtype=f64, device=dev)
-        del g
-
+    st = (_Exact if kernel == "exact" else _Adaptive)(x, cond, y, num_classes, alpha, gamma, dev)
     gen = torch.Generator().manual_seed(int(seed))
-    rows = list(range(c))  # rows[r] = channel held in row r of `store`; rows[:left] are candidates
+    rows = list(range(c))  # rows[r] = channel held in row r of the store; rows[:left] are candidates
     left = c
     order: list[int] = []
     cmi: list[float] = []
@@ -261,94 +445,70 @@ def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condi
     tie_steps = 0
     saturation_step = None
     ceiling = math.log(n)
+    secondary = st.secondary
 
     for k in range(1, c):
-        if fast:
-            torch.mul(gp, gp, out=w[0])
-            torch.mul(gp, kyp, out=w[1])
-            w[1].square_()
-            w.mul_(2.0)
-            vals = store[:left] @ w.T  # ||G o K_j||^2 - diag2 and ||G o K_Y o K_j||^2 - diag2
-            vals += diag2
-            vals = (-torch.log(vals)).cpu()
-            h, hy = vals[:, 0], vals[:, 1]
-        else:
-            hs, hys = [], []
-            chunk = max(1, _CHUNK_ELEMS // (n * n))
-            for a in range(0, left, chunk):
-                prod = g * store[a:min(a + chunk, left)]
-                hs.append(ent(prod))
-                hys.append(ent(prod * k_y))
-            h, hy = torch.cat(hs).cpu(), torch.cat(hys).cpu()
-        m = s_y + h - hy
+        h, hy = st.evaluate(left)
+        m = st.s_y + h - hy
         best = float(m.max())
         tied = torch.nonzero(m >= best - TIE_TOL).flatten().tolist()
-        r = min(tied, key=lambda t: rows[t]) if len(tied) > 1 else tied[0]
+        if len(tied) == 1:
+            r = tied[0]
+        elif secondary is None:
+            r = min(tied, key=lambda t: rows[t])
+        else:
+            r = min(tied, key=lambda t: (-secondary[rows[t]], rows[t]))
         tie_steps += len(tied) > 1
         s = rows[r]
         joint_k = float(h[r])
         order.append(s)
         mi.append(float(m[r]))
         joint.append(joint_k)
-        cmi.append(i_all - float(m[r]))
+        cmi.append(st.i_all - float(m[r]))
         if saturation_step is None and joint_k >= (1.0 - SATURATION_TOL) * ceiling:
             saturation_step = k
-
         if p_values is not None and selected is None:
-            e_s = channel_exponent(s)
-            g_prev = _unpack(gp, iu, n) if fast else g
-            p = _permutation_p(g_prev, torch.exp(-e_s), torch.exp(-(e_all + e_p - e_s)), k_y, s_y, cmi[-1],
-                               permutations, gen, ent)
+            p = st.permutation_p(s, cmi[-1], permutations, gen)
             p_values.append(p)
             if p >= eta:
                 selected = k - 1
-        if fast:
-            gp *= store[r].sqrt()  # K_s = sqrt(K_s^2): no recomputation
-        else:
-            g = g * store[r]
-            g /= g.diagonal().sum()
-        # move the chosen row behind the candidates
-        last = left - 1
+        st.add(r)
+        last = left - 1  # move the chosen row behind the candidates
         if r != last:
-            store[[r, last]] = store[[last, r]]
+            st.swap(r, last)
             rows[r], rows[last] = rows[last], rows[r]
         left -= 1
     order.append(rows[0])
     if p_values is not None and selected is None:
         selected = c - 1 if c > 1 else 1
 
+    wd = st.widths()
     return CMIRanking(
-        order=order, cmi=cmi, cmi_total=i_all - i_p, mi=mi, joint_entropy=joint, p_values=p_values,
-        selected=selected, sigma=sigma, sigma_labels=sigma_y, sigma_condition=sigma_cond, entropy_labels=s_y,
-        entropy_condition=s_p, entropy_all=s_all, max_entropy=ceiling, saturation_step=saturation_step,
-        tie_steps=int(tie_steps), alpha=alpha, gamma=gamma, n=n, seconds=time.perf_counter() - t0)
+        order=order, cmi=cmi, cmi_total=st.i_all - st.i_p, mi=mi, joint_entropy=joint, p_values=p_values,
+        selected=selected, sigma=wd["channels"], sigma_labels=wd["labels"], sigma_condition=wd["condition"],
+        entropy_labels=st.s_y, entropy_condition=st.s_p, entropy_all=st.s_all, max_entropy=ceiling,
+        saturation_step=saturation_step, tie_steps=int(tie_steps), alpha=alpha, gamma=gamma, n=n,
+        kernel=kernel, seconds=time.perf_counter() - t0)
 
 
-def _unpack(gp: torch.Tensor, iu: torch.Tensor, n: int) -> torch.Tensor:
-    """Full unit-trace Gram from its packed off-diagonal upper triangle (diagonal 1/N)."""
-    g = torch.zeros(n, n, dtype=gp.dtype, device=gp.device)
-    g[iu[0], iu[1]] = gp
-    g = g + g.T
-    g.diagonal().fill_(1.0 / n)
-    return g
-
-
-def _permutation_p(g_prev: torch.Tensor, k_s: torch.Tensor, k_rest: torch.Tensor, k_y: torch.Tensor, s_y: float,
-                   cmi_true: float, permutations: int, gen: torch.Generator, ent) -> float:
+def _permutation_p(x_s: torch.Tensor, make_z, make_f, k_y: torch.Tensor, s_y: float, cmi_true: float,
+                   permutations: int, gen: torch.Generator, ent) -> float:
     """Fraction of row permutations of the added channel whose CMI is <= the true CMI.
 
-    ``g_prev``: Gram of P u S before the channel; ``k_rest``: kernel of P u (all channels but it).
-    With the channel permuted, ``cmi = I(Y; rest u s') - I(Y; P u S u s')``.
+    ``x_s``: the channel's (N, N) matrix (kernel or normalised distances); ``make_z(x_perm)`` and
+    ``make_f(x_perm)`` build the kernels of P u S u {s'} and of P u (all channels but s) u {s'}
+    for a batch of permuted copies. With the channel permuted,
+    ``cmi = I(Y; rest u s') - I(Y; P u S u s')``.
     """
-    n = k_s.shape[0]
-    perms = torch.argsort(torch.rand(permutations, n, generator=gen), dim=1).to(k_s.device)
+    n = x_s.shape[0]
+    perms = torch.argsort(torch.rand(permutations, n, generator=gen), dim=1).to(x_s.device)
     chunk = max(1, _CHUNK_ELEMS // (4 * n * n))
     below = 0
     for a in range(0, permutations, chunk):
         pi = perms[a:a + chunk]
-        kp = k_s[pi[:, :, None], pi[:, None, :]]
-        z = g_prev * kp
-        f = k_rest * kp
+        xp = x_s[pi[:, :, None], pi[:, None, :]]
+        z = make_z(xp)
+        f = make_f(xp)
         i_z = s_y + ent(z) - ent(z * k_y)
         i_f = s_y + ent(f) - ent(f * k_y)
         below += int(((i_f - i_z) <= cmi_true + TIE_TOL).sum())
@@ -361,7 +521,7 @@ FORMULATIONS = ("per-layer", "compact", "full")
 ORDERS = ("forward", "bidirectional")
 CUTOFFS = ("scree", "xmeans", "permutation", "knee", "ratio")
 _KEYS = ("formulation", "order", "cutoff", "budget", "alpha", "gamma", "permutations", "eta", "samples",
-         "keep_ratio")
+         "keep_ratio", "kernel")
 
 
 @dataclass(frozen=True)
@@ -375,6 +535,7 @@ class CMIOptions:
     permutations: int = 100
     eta: float = 0.05
     keep_ratio: float | None = None
+    kernel: str = "exact"
 
 
 def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
@@ -407,6 +568,7 @@ def parse_options(options: Mapping[str, Any] | None) -> CMIOptions:
         permutations=_check_int("cmi option permutations", get("permutations"), 1),
         eta=_check_number("cmi option eta", get("eta"), 0.0, 1.0),
         keep_ratio=keep_ratio,
+        kernel=_choice("kernel", get("kernel"), KERNELS),
     )
 
 
@@ -416,10 +578,11 @@ class _Done:
     keep: int
     cutoff_info: dict[str, Any]
     condition: list[str] = field(default_factory=list)
-    kept_maps: torch.Tensor | None = None
 
 
 class _Engine:
+    direction_workers = 2  # threads for the two directions of the bidirectional order (1: one after the other)
+
     def __init__(self, ctx: RankContext, opts: CMIOptions):
         self.ctx, self.opts = ctx, opts
         self.capture = FeatureCapture(ctx.model, ctx.layers, ctx.images, device=ctx.device)
@@ -430,7 +593,7 @@ class _Engine:
         o = self.opts
         res = rank_layer(feats, self.ctx.labels, num_classes=self.ctx.num_classes, alpha=o.alpha, gamma=o.gamma,
                          condition=condition, stop=self.stop, permutations=o.permutations, eta=o.eta,
-                         seed=self.ctx.seed + i, device=self.ctx.device)
+                         seed=self.ctx.seed + i, device=self.ctx.device, kernel=o.kernel)
         return res
 
     def kept_maps(self, i: int, order: list[int], keep: int, upcoming: Sequence[int]) -> torch.Tensor:
@@ -530,7 +693,7 @@ class _Engine:
             paths = [list(range(seed - 1, -1, -1)), list(range(seed + 1, n_layers))]
             # the two directions are independent once the seed is fixed: two threads, one per
             # direction (torch kernels release the GIL, captures share one lock-protected hook set)
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cmi-bidir") as pool:
+            with ThreadPoolExecutor(max_workers=self.direction_workers, thread_name_prefix="cmi-bidir") as pool:
                 futures = [pool.submit(self.walk, p, [seed_maps], [layers[seed].name], fixed) for p in paths if p]
                 for fut in futures:
                     done.update(fut.result())
@@ -553,10 +716,18 @@ class _Engine:
 def cmi_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
     """Conditional mutual information ranking (Vu-Van et al., 2024); options in ``ctx.options``.
 
+    Formulations: per-layer (P empty), compact (P = the kept maps of the previously pruned
+    layer), full (P = the kept maps of all previously pruned layers). Orders: forward (network
+    order), bidirectional (rank all per-layer, cut, seed = the layer with the highest pruned
+    fraction, then walk towards the input and towards the output in two threads; with "full"
+    each direction conditions on the seed and the layers of its own side). With a budget the keep
+    counts come from a per-layer pass (allocated together), and the conditioned pass uses them.
+
     Options: formulation (per-layer | compact | full), order (forward | bidirectional), cutoff
     (scree | xmeans | permutation | knee | ratio), budget ("flops=0.4" / "params=0.2": keep at
     most that fraction of the prunable convs, overrides the cutoff), alpha (2.0), gamma (5.0),
-    permutations (100), eta (0.05), keep_ratio (for cutoff=ratio), samples (applied by the
-    caller; ignored here).
+    permutations (100), eta (0.05), keep_ratio (for cutoff=ratio), kernel (exact: the paper's
+    widths and ties to the lowest index; adaptive: median widths, ties by single-channel MI),
+    samples (applied by the caller; ignored here).
     """
     return _Engine(ctx, parse_options(ctx.options)).run()

@@ -54,11 +54,12 @@ def _clamp(k: int, channels: int) -> int:
     return int(min(max(k, 1), channels))
 
 
-def scree_ratios(curve: Sequence[float], tol: float = 1e-9) -> np.ndarray:
+def scree_ratios(curve: Sequence[float], tol: float = 1e-6) -> np.ndarray:
     """Scree ratios ``r_k = (c_{k-1} - c_k) / (c_k - c_{k+1})`` for the inner points, 0 elsewhere.
 
-    Differences within ``tol`` times the curve's range count as 0 (flat, saturated tails are
-    float noise), and ``r_k = 0`` where the denominator is 0 (ALGORITHMS.md section 2).
+    Differences within ``tol`` times the curve's range count as 0 (the steps of a flat,
+    saturated tail are float noise whose ratios would otherwise win), and ``r_k = 0`` where the
+    denominator is 0 (ALGORITHMS.md section 2).
     """
     c = _curve(curve)
     d = c[:-1] - c[1:]  # d[k] = c_k - c_{k+1}
@@ -71,7 +72,7 @@ def scree_ratios(curve: Sequence[float], tol: float = 1e-9) -> np.ndarray:
     return r
 
 
-def scree_candidates(curve: Sequence[float], top: int = 3, tol: float = 1e-9) -> list[int]:
+def scree_candidates(curve: Sequence[float], top: int = 3, tol: float = 1e-6) -> list[int]:
     """Keep counts with the largest scree ratios, best first (ties: fewer channels first).
 
     Only elbows are candidates: points where the curve falls faster before than after
@@ -83,7 +84,7 @@ def scree_candidates(curve: Sequence[float], top: int = 3, tol: float = 1e-9) ->
     return ks or [channels]
 
 
-def scree_cutoff(curve: Sequence[float], tol: float = 1e-9) -> int:
+def scree_cutoff(curve: Sequence[float], tol: float = 1e-6) -> int:
     """The elbow of the curve by the scree test: the keep count with the largest ratio."""
     return scree_candidates(curve, 1, tol)[0]
 

@@ -87,13 +87,18 @@ MIN_PERMUTATIONS = 19
 _RESUM_EVERY = 32  # removals between exact recomputations of the kept set's distance sum
 _CHUNK_ELEMS = 1 << 22  # float64 elements per temporary chunk (32 MiB)
 
-MLP_HIDDEN = 32
+MEDIAN_PAIRS = 8192  # the median kernel's width comes from the median over this many sample pairs
+
+MLP_HIDDEN = 16
 MLP_BASE_STEPS = 200
-MLP_RETRAIN_STEPS = 40
+MLP_RETRAIN_STEPS = 30
 MLP_LR = 1e-2
-MLP_WEIGHT_DECAY = 1e-4
+MLP_L1 = 1e-3  # L1 on the input weights: regularises without favouring duplicated inputs (L2 would)
+MLP_L2 = 1e-2  # L2 on the output weights
+MLP_RIDGE = 1e-3  # ridge of the linear re-routing (standardised features)
 MLP_VAL_FRACTION = 0.25
 MLP_MAX_INPUTS = 1024  # pooled features of the layer (and of x_next) kept below this
+MLP_MAX_OUTPUTS = 64  # x_next's pooled features are reduced to this many principal components
 MLP_RISE_TOL = 1e-6  # relative: rises below this fraction of the control loss are 0
 MLP_MAX_BATCH = 16  # candidates per speculative batch
 
@@ -188,6 +193,8 @@ class _RenyiMI:
     def __init__(self, n: int, iu: torch.Tensor, d_y: torch.Tensor, *, kernel: str, alpha: float,
                  scale_x: float | None, scale_y: float | None):
         self.n, self.iu, self.kernel, self.alpha = n, iu, kernel, alpha
+        npairs = iu.shape[1]  # the median kernel's width: median over a fixed subset of pairs
+        self.med_idx = torch.arange(0, npairs, max(1, npairs // MEDIAN_PAIRS), device=iu.device)
         self.scale_x = scale_x  # paper kernel: 2 sigma^2 of the layer's channels
         e_y = self.exponents(d_y[None], scale_y)[0]
         self.k_y2 = torch.exp(-2.0 * e_y)
@@ -199,7 +206,7 @@ class _RenyiMI:
         if self.kernel == "paper":
             s = self.scale_x if scale is None else scale
             return d / s
-        med = d.median(dim=-1, keepdim=True).values
+        med = d[:, self.med_idx].median(dim=-1, keepdim=True).values
         s = torch.where(med > 0, med, d.mean(-1, keepdim=True))
         return torch.where(s > 0, d / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(d))
 
@@ -297,6 +304,10 @@ class _MLPEstimator:
         yp, self.pool_next = _pool_features(y, dev)
         target = _standardize(yp.reshape(n, -1))
         target = target[:, target.abs().amax(0) > 0]  # constant outputs carry nothing
+        if target.shape[1] > MLP_MAX_OUTPUTS:  # principal components, mean variance 1
+            _, sv, vh = torch.linalg.svd(target.double(), full_matrices=False)
+            scores = target.double() @ vh[:MLP_MAX_OUTPUTS].T
+            target = (scores / (sv[:MLP_MAX_OUTPUTS] ** 2 / n).mean().sqrt()).float()
         self.y = target
         self.repeats, self.dev, self.n, self.c = repeats, dev, n, c
         g = torch.Generator().manual_seed(int(seed))
@@ -309,6 +320,44 @@ class _MLPEstimator:
             self.val_w[r, val] = 1.0
         self.train_w, self.val_w = self.train_w.to(dev), self.val_w.to(dev)
         self.gen = g
+        # ridge precision matrix of the kept input features (float64), for the re-routing warm start
+        xd = self.x.double()
+        cov = xd.T @ xd / n
+        self.precision = torch.linalg.inv(cov + MLP_RIDGE * torch.eye(cov.shape[0], dtype=cov.dtype, device=dev))
+
+    def _cols(self, ch: int) -> torch.Tensor:
+        f = self.features_per_channel
+        return torch.arange(ch * f, (ch + 1) * f, device=self.dev)
+
+    def reroute(self, params: dict[str, torch.Tensor], cands: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Warm start for masking: per candidate block of R groups (copy k = candidate k), move the
+        candidate's input weights onto the kept features that linearly predict it.
+
+        With ``x_i ~ X_rest @ B`` (ridge regression over the N samples, ``B = -P_ri P_ii^-1`` from
+        the precision matrix P of the kept features), ``X_rest W_rest + x_i W_i`` is approximated by
+        ``X_rest (W_rest + B W_i)``: an exact copy of a kept channel is masked at no cost.
+        """
+        w1 = params["w1"].clone()
+        r = self.repeats
+        for k, ch in enumerate(cands):
+            cols = self._cols(ch)
+            p_ri = self.precision[:, cols]  # (in, f)
+            p_ii = p_ri[cols]
+            b = -(p_ri @ torch.linalg.pinv(p_ii))  # (in, f)
+            b[cols] = 0.0
+            blk = slice(k * r, (k + 1) * r)
+            w1[blk] += torch.einsum("if,gfh->gih", b.float(), w1[blk][:, cols])
+        out = dict(params)
+        out["w1"] = w1
+        return out
+
+    def remove(self, ch: int) -> None:
+        """Downdate the precision matrix: the inverse of the kept features' ridge covariance."""
+        cols = self._cols(ch)
+        p_ci = self.precision[:, cols]
+        self.precision = self.precision - p_ci @ torch.linalg.pinv(p_ci[cols]) @ p_ci.T
+        self.precision[cols] = 0.0
+        self.precision[:, cols] = 0.0
 
     def init(self) -> dict[str, torch.Tensor]:
         r, i, h, o = self.repeats, self.x.shape[1], MLP_HIDDEN, self.y.shape[1]
@@ -344,12 +393,13 @@ class _MLPEstimator:
         if self.y.shape[1] == 0 or steps == 0:
             with torch.no_grad():
                 return {k: v.detach() for k, v in p.items()}, self._val(p, colmask, vw)
-        opt = torch.optim.Adam(list(p.values()), lr=MLP_LR, weight_decay=MLP_WEIGHT_DECAY)
+        opt = torch.optim.Adam(list(p.values()), lr=MLP_LR)
         with torch.enable_grad():
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 err = self._loss(p, colmask)
                 loss = ((err * tw).sum(1) / tw.sum(1)).sum()
+                loss = loss + MLP_L1 * (p["w1"] * colmask[:, :, None]).abs().sum() + MLP_L2 * (p["w2"] ** 2).sum()
                 loss.backward()
                 opt.step()
         with torch.no_grad():
@@ -547,7 +597,7 @@ def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.d
         masks = kept[None].repeat(b * repeats, 1)
         cidx = torch.tensor(cands, device=dev).repeat_interleave(repeats)
         masks[torch.arange(b * repeats, device=dev), cidx] = False
-        params, losses = mlp.fit(mlp.repeat(base, b), masks, MLP_RETRAIN_STEPS)
+        params, losses = mlp.fit(mlp.reroute(mlp.repeat(base, b), cands), masks, MLP_RETRAIN_STEPS)
         runs += b
         rises = (losses.view(b, repeats) - control[None]).cpu()
         tol = MLP_RISE_TOL * float(control.mean())
@@ -566,6 +616,7 @@ def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.d
                 sel.forced = ch
                 continue
             kept[ch] = False
+            mlp.remove(ch)
             sel.removed_order.append(ch)
             base = mlp.take(params, torch.arange(j * repeats, (j + 1) * repeats, device=dev))
             _, control = mlp.fit(base, kept[None].expand(repeats, c), MLP_RETRAIN_STEPS)

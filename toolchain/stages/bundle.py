@@ -19,7 +19,7 @@ from toolchain.models import create_model
 from toolchain.stages import report as report_stage
 from toolchain.stages.data import Dataset
 from toolchain.stages.prune import PruneRecord, build_pruned
-from toolchain.util import sha256_file
+from toolchain.util import atomic_write_json, sha256_file
 
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxsim", "onnxscript", "torch-pruning", "numpy",
              "scikit-learn", "build-edge")
@@ -65,9 +65,7 @@ def write_bundle(dest: Path, *, cfg: Config, target, data: Dataset, metrics: dic
         }
         rankings = json.loads((tmp / "rankings.json").read_text()) if (tmp / "rankings.json").exists() else None
         report_stage.write_report(tmp, manifest, rankings=rankings)
-        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
-                             for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _write_manifest(tmp, manifest)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -79,6 +77,33 @@ def write_bundle(dest: Path, *, cfg: Config, target, data: Dataset, metrics: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Hash every file of the bundle (but the manifest) into the manifest and write it atomically."""
+    manifest["files"] = {p.relative_to(folder).as_posix(): sha256_file(p)
+                         for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    atomic_write_json(folder / "manifest.json", manifest)
+
+
+def add_device_results(bundle: str | Path, result_paths: list[str]) -> dict[str, Any]:
+    """Fold on-device benchmark results into a bundle: device_results.json, the report, the manifest."""
+    from toolchain.errors import UserError
+    from toolchain.kit import merge_device_results
+
+    bundle = Path(bundle)
+    if not (bundle / "manifest.json").is_file():
+        raise UserError(f"{bundle} is not a build-edge bundle (no manifest.json)")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    # results name the manifest they verified on the device: the one as built, before any merge rewrote it
+    build_sha = manifest.get("build_manifest_sha256") or sha256_file(bundle / "manifest.json")
+    merged = merge_device_results(bundle, [Path(p) for p in result_paths], build_sha256=build_sha)
+    manifest["build_manifest_sha256"] = build_sha
+    rankings = json.loads((bundle / "rankings.json").read_text()) if (bundle / "rankings.json").exists() else None
+    report_stage.write_report(bundle, manifest, rankings=rankings, device_results=merged)
+    manifest["device_results"] = merged.get("summary")
+    _write_manifest(bundle, manifest)
+    return merged
 
 
 def load_pruned_model(bundle: str | Path) -> torch.nn.Module:

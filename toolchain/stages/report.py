@@ -26,6 +26,7 @@ from typing import Any
 log = logging.getLogger("build_edge")
 
 PLOTS_DIR = "plots"
+PLOTS = ("accuracy_vs_flops", "channels_per_layer", "cmi_curves", "latency", "device_latency", "memory", "roofline")
 DPI = 110
 _GREY, _BLUE, _ORANGE, _GREEN, _RED = "#8c8c8c", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
@@ -302,8 +303,7 @@ def _variant_color(name: str, index: int) -> str:
 def _new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    return fig
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def _save(fig, folder: Path, name: str) -> str:
@@ -340,6 +340,7 @@ def _plot_accuracy(manifest: Mapping[str, Any], sweep: list[dict[str, Any]] | No
     fig = _new_figure(7.5, 4.6)
     ax = fig.add_subplot()
     ys: list[float] = []
+    callouts: list[tuple[str, float]] = []  # (text, y) next to this bundle's points (no sweep)
     if dense is not None:
         ax.axhline(100 * dense, color=_GREY, ls="--", lw=1, zorder=1)
         ax.plot([100], [100 * dense], marker="s", ms=8, color=_GREY, ls="none", zorder=3,
@@ -374,14 +375,17 @@ def _plot_accuracy(manifest: Mapping[str, Any], sweep: list[dict[str, Any]] | No
                                    ("acc_int8", "INT8 (quantized)", "D")):
             v = _num(m.get(key))
             if v is not None:
-                ax.plot([100 * ratio], [100 * v], marker=marker, ms=7, ls="none", zorder=4, label=label,
+                ax.plot([100 * ratio], [100 * v], marker=marker, ms=7, ls="none", zorder=7, label=label,
                         mfc="white" if marker == "o" else None,
                         color=_ORANGE if key == "acc_int8" else _BLUE)
                 ys.append(100 * v)
+                callouts.append((f"{label}: {_pct(v)}", 100 * v))
     if ratio is not None and tuned is not None:
-        ax.plot([100 * ratio], [100 * tuned], marker="*", ms=16, color=_RED, mec="black", mew=0.6, ls="none",
+        ax.plot([100 * ratio], [100 * tuned], marker="*", ms=15, color=_RED, mec="black", mew=0.6, ls="none",
                 zorder=6, label=f"this bundle, fine-tuned ({_pct(tuned)})")
         ys.append(100 * tuned)
+        if not rows:
+            callouts.append((f"fine-tuned: {_pct(tuned)}", 100 * tuned))
     flops_dense = _num(m.get("flops_dense"))
     ax.set_xlabel("FLOPs per image, % of the dense model"
                   + (f" (dense = {_count(flops_dense)}FLOPs)" if flops_dense else ""))
@@ -391,6 +395,18 @@ def _plot_accuracy(manifest: Mapping[str, Any], sweep: list[dict[str, Any]] | No
         lo, hi = min(ys), max(ys)
         pad = max(2.0, 0.12 * (hi - lo))
         ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad) if hi + pad <= 100 else hi + pad)
+    if callouts and ratio is not None:
+        lo, hi = ax.get_ylim()
+        gap = 0.06 * (hi - lo)
+        callouts.sort(key=lambda c: c[1])
+        pos: list[float] = []
+        for _, y in callouts:  # labels in order, at least `gap` apart, leader lines to the points
+            pos.append(max(y, pos[-1] + gap) if pos else y)
+        shift = max(0.0, pos[-1] - (hi - gap / 2))
+        for (text, y), p in zip(callouts, pos):
+            ax.annotate(text, xy=(100 * ratio, y), xytext=(100 * ratio + 7, p - shift), textcoords="data",
+                        va="center", fontsize=8, arrowprops={"arrowstyle": "-", "color": _GREY, "lw": 0.6},
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
     ax.grid(alpha=0.3)
     ax.set_title("Accuracy vs FLOPs of the pruned variants" if rows else "Accuracy vs FLOPs: dense and pruned")
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
@@ -425,8 +441,10 @@ def _plot_channels(manifest: Mapping[str, Any]):
     return fig
 
 
-def _cmi_layers(manifest: Mapping[str, Any], rankings: Mapping[str, Any] | None) -> list[tuple[str, list, int | None,
-                                                                                            dict]]:
+_CMILayer = tuple[str, list[float], "int | None", dict[str, Any]]  # name, cmi curve, keep, info
+
+
+def _cmi_layers(manifest: Mapping[str, Any], rankings: Mapping[str, Any] | None) -> list[_CMILayer]:
     if not isinstance(rankings, Mapping):
         return []
     kept = _dict(_dict(manifest.get("architecture")).get("kept_counts"))
@@ -444,7 +462,7 @@ def _cmi_layers(manifest: Mapping[str, Any], rankings: Mapping[str, Any] | None)
     return out
 
 
-def _plot_cmi(layers: list[tuple[str, list, int | None, dict]]):
+def _plot_cmi(layers: list[_CMILayer]):
     if not layers:
         return None
     n = len(layers)
@@ -581,14 +599,14 @@ def _plot_memory(memory: Mapping[str, Any], target: Mapping[str, Any]):
     fits = [r.get("fits") for _, r in variants]
     budgets = [_num(r.get("memory_budget_mb")) or _num(target.get("memory_budget_mb")) for _, r in variants]
     values = [v for v in (*rss, *weights, *budgets) if v is not None and v > 0]
-    labelled = False
+    labelled: set[bool] = set()
     for x, v, ok in zip(xs, rss, fits):
         if v is not None:
             bad = ok is False
+            label = "peak RSS, does not fit" if bad else "peak RSS (measured on this host)"
             ax.bar(x - w / 2, v, width=w, color="#f4a6a6" if bad else _BLUE, edgecolor=_RED if bad else "black",
-                   hatch="//" if bad else None, lw=0.8,
-                   label=None if labelled else "peak RSS (measured on this host)")
-            labelled = True
+                   hatch="//" if bad else None, lw=0.8, label=None if bad in labelled else label)
+            labelled.add(bad)
     ax.bar([x + w / 2 for x, v in zip(xs, weights) if v is not None], [v for v in weights if v is not None],
            width=w, color="#c7c7c7", edgecolor="black", lw=0.8, label="weights")
     distinct = {b for b in budgets if b is not None}
@@ -605,11 +623,11 @@ def _plot_memory(memory: Mapping[str, Any], target: Mapping[str, Any]):
     log_y = bool(values) and max(values) / min(values) > 20
     if log_y:
         ax.set_yscale("log")
-        ax.set_ylim(min(values) / 3, max(values) * 4)
+        ax.set_ylim(min(values) / 3, max(values) * 2.5)
     else:
         ax.set_ylim(0, max(values or [1.0]) * 1.2)
     labels = []
-    for (name, r), ok in zip(variants, fits):
+    for (name, _), ok in zip(variants, fits):
         labels.append(name + ("\nDOES NOT FIT" if ok is False else "\n(not measured)" if ok is None else ""))
     ax.set_xticks(xs, labels, fontsize=8.5)
     ax.set_xlim(-0.6, len(xs) - 0.4)
@@ -638,7 +656,7 @@ def _plot_memory(memory: Mapping[str, Any], target: Mapping[str, Any]):
     ax.set_ylabel("MB (MiB)" + (", log scale" if log_y else ""))
     ax.set_title(f"Memory vs the budget of {_target_name({'target': target})}")
     ax.grid(axis="y", alpha=0.3, which="both" if not log_y else "major")
-    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig
 
 
@@ -704,7 +722,8 @@ def _summary(doc: _Doc, manifest: Mapping[str, Any], latency: dict[str, dict[str
     dense = m.get("acc_dense")
     rows: list[list[Any]] = [
         ["top-1 accuracy (PyTorch, test set), pruned after fine-tuning"
-         + (f" ({cfg['finetune_epochs']} epochs)" if cfg.get("finetune_epochs") else ""),
+         + (f" ({cfg['finetune_epochs']} epoch{'s' if cfg['finetune_epochs'] != 1 else ''})"
+            if cfg.get("finetune_epochs") else ""),
          _pct(dense), _pct(m.get("acc_finetuned")), _pp(m.get("acc_finetuned"), dense)],
         ["top-1 right after channel removal", "", _pct(m.get("acc_pruned")), _pp(m.get("acc_pruned"), dense)],
         ["top-1 after BN re-estimation" + (f" ({cfg['bn_recalibration']} images)"
@@ -714,9 +733,11 @@ def _summary(doc: _Doc, manifest: Mapping[str, Any], latency: dict[str, dict[str
     if "acc_onnxruntime" in m:
         rows.append(["top-1 of the exported ONNX model (ONNX Runtime)", "", _pct(m.get("acc_onnxruntime")),
                      _pp(m.get("acc_onnxruntime"), dense)])
-    if _num(m.get("acc_int8")) is not None:
-        rows.append(["top-1 INT8 (pruned, quantized; ONNX Runtime)", "", _pct(m.get("acc_int8")),
-                     _pp(m.get("acc_int8"), dense)])
+    for key, label in (("acc_fp16", "top-1 FP16 (pruned, ONNX Runtime)"),
+                       ("acc_int8", "top-1 INT8 (pruned, Q/DQ with exact int8 arithmetic, as TensorRT computes it)"),
+                       ("acc_int8_host", "top-1 INT8 with ONNX Runtime's int8 kernels on this host")):
+        if _num(m.get(key)) is not None:
+            rows.append([label, "", _pct(m.get(key)), _pp(m.get(key), dense)])
     if "flops_dense" in m or "flops_pruned" in m:
         rows.append(["FLOPs per image", _count(m.get("flops_dense")), _count(m.get("flops_pruned")),
                      f"{_pct(m.get('flops_ratio'))} of dense"])
@@ -762,7 +783,7 @@ def _summary(doc: _Doc, manifest: Mapping[str, Any], latency: dict[str, dict[str
         else:
             rows.append(["TensorRT engine", "", "not built here" + (f": {engine['reason']}" if engine.get("reason")
                                                                    else ""),
-                         "the kit builds it on the device: `kit/build_engine.sh`"])
+                         f"the kit builds it on the device: `{engine.get('kit') or 'kit/build_engine.sh'}`"])
     elif (doc.folder / "kit" / "build_engine.sh").is_file():
         rows.append(["TensorRT engine", "", "not built here", "the kit builds it on the device: "
                                                                "`kit/build_engine.sh`"])
@@ -830,6 +851,14 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
             headline.append(f"runs {_speedup(d1['p50_ms'], p1['p50_ms'])} at batch 1 on this host (measured)")
     if headline:
         intro += " In short: " + ", ".join(headline) + "."
+    quant = _dict(manifest.get("quantization"))
+    if manifest.get("precision"):
+        intro += f" Deployment precision: {manifest['precision']}"
+        if quant.get("method"):
+            intro += (f" (INT8 calibration: {quant['method']}, "
+                      f"{'per-channel' if quant.get('per_channel') else 'per-tensor'} weights"
+                      + (f", {quant['images']} images" if quant.get("images") else "") + ")")
+        intro += "."
     doc.p(intro)
 
     _summary(doc, manifest, latency, host)
@@ -837,12 +866,13 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
     # 1. accuracy vs FLOPs (+ sweep table)
     doc.h2("Accuracy vs FLOPs")
     rows = [r for r in (sweep or []) if isinstance(r, Mapping)]
+    plotted = any(_num(r.get("flops_ratio")) is not None for r in rows)
     shown = _draw(doc, "accuracy_vs_flops", "Accuracy vs FLOPs",
                   ("Top-1 accuracy vs FLOPs per image (% of dense) for every pruned variant tried: filled markers "
                    "after fine-tuning, hollow before it (BN re-estimated). Dashed line and square: the dense model; "
-                   "red star: this bundle." if rows else
+                   "red star: this bundle." if plotted else
                    "Top-1 accuracy vs FLOPs (% of dense) of this bundle's pruned model at each step, with the dense "
-                   "model as the dashed reference line. No sweep was given, so only this bundle's points appear."),
+                   "model as the dashed reference line (no sweep over other variants was given)."),
                   lambda: _plot_accuracy(manifest, rows))
     if rows:
         _sweep_table(doc, rows, m.get("acc_dense"))
@@ -856,6 +886,8 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
         _draw(doc, "channels_per_layer", "Kept channels per layer",
               "Output channels per prunable conv: grey the dense count, blue what the pruned model keeps.",
               lambda: _plot_channels(manifest))
+        own_keep = isinstance(rankings, Mapping) and any(
+            _num(_dict(r).get("keep")) is not None for r in rankings.values())
         layer_rows = []
         for name, k in kept.items():
             d = _num(dense_ch.get(name))
@@ -864,9 +896,9 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
             layer_rows.append([name, "-" if d is None else f"{d:.0f}", "-" if k_num is None else f"{k_num:.0f}",
                                "-" if d is None or k_num is None else f"{d - k_num:.0f}",
                                "-" if not d or k_num is None else f"{100 * k_num / d:.1f}%",
-                               *([] if not isinstance(rankings, Mapping) else ["-" if cut is None else str(cut)])])
-        doc.table(["layer", "dense", "kept", "removed", "kept %",
-                   *([] if not isinstance(rankings, Mapping) else ["criterion's own keep"])], layer_rows)
+                               *(["-" if cut is None else str(cut)] if own_keep else [])])
+        doc.table(["layer", "dense", "kept", "removed", "kept %", *(["criterion's own keep"] if own_keep else [])],
+                  layer_rows)
 
     # 3. CMI curves
     cmi_layers = _cmi_layers(manifest, rankings)
@@ -982,5 +1014,9 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
     folder.joinpath("report.md").write_text(doc.markdown(), encoding="utf-8")
     folder.joinpath("report.html").write_text(doc.html(title), encoding="utf-8")
     plots = [folder / item.rel for kind, item in doc.blocks if kind == "fig"]
+    for name in PLOTS:  # a plot of an earlier report of this folder that has no data now would be stale
+        stale = folder / PLOTS_DIR / f"{name}.png"
+        if stale not in plots:
+            stale.unlink(missing_ok=True)
     return [folder / "report.md", folder / "report.html", *plots]
 

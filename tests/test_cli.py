@@ -203,7 +203,7 @@ def test_resume_after_kill(tmp_path):
     env = {**os.environ, "BUILD_EDGE_NO_PROGRESS": "1", "COLUMNS": "200"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
-    work = tmp_path / ".work" / "r"
+    work = tmp_path / ".work"
     while time.time() < deadline and not list(work.glob("finetune-*/last.pt")):
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.2)

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options (flags override it)")
     parser.add_argument("--list-targets", action="store_true", help="print the hardware profiles and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
+                        help="run one variant per value (repeatable: the product), e.g. criterion=l1,random,cmi "
+                             "or keep_ratio=0.6,0.4; writes one comparison table and plot")
     _add_config_flags(parser)
     return parser
 
@@ -133,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
             os.environ["BUILD_EDGE_NO_PROGRESS"] = "1"
         _setup_logging(args.quiet)
+        if args.sweep:
+            from toolchain.sweep import parse_axes, run_sweep
+
+            folder = run_sweep(cfg, parse_axes(args.sweep, set(CRITERION_FLAGS) | {"at_init"}))
+            print(f"sweep: {folder}")
+            return 0
         from toolchain.pipeline import run_pipeline
 
         bundle = run_pipeline(cfg)

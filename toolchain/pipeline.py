@@ -1,8 +1,9 @@
 """The pipeline, top to bottom: config -> data -> baseline -> rank -> prune -> finetune -> export
 -> bench -> bundle.
 
-Each stage writes its outputs under ``<out>/.work/<run>/<stage>-<key>/`` where the key hashes the
-config fields the stage reads and the keys of the stages before it. A finished stage leaves
+Each stage writes its outputs under ``<out>/.work/<stage>-<key>/`` where the key hashes the config
+fields the stage reads and the keys of the stages before it, so runs that agree on a stage (the
+runs of a sweep over criteria share data, baseline and more) compute it once. A finished stage leaves
 ``done.json``; re-running skips it. A killed stage resumes from what it left (fine-tuning and
 baseline training keep a checkpoint per epoch). The bundle is assembled in a temporary folder
 and renamed into place, so a reader never sees half a bundle.
@@ -127,7 +128,7 @@ def run_pipeline(cfg: Config) -> Path:
         raise UserError(f"checkpoint has {pre.num_classes} classes but the data has {data.num_classes}")
     log.info("data: %s, %d train / %d test images, %d classes, input %s", data.name, len(data.train),
              len(data.test), data.num_classes, data.input_shape)
-    stages = StageCache(out / ".work" / run)
+    stages = StageCache(out / ".work")  # keyed by content: runs that share a stage (a sweep's baseline) share it
     example = torch.zeros(2, *data.input_shape)
     test_loader = DeviceLoader(data.test, data, 500, device)
 

@@ -1020,3 +1020,27 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
             stale.unlink(missing_ok=True)
     return [folder / "report.md", folder / "report.html", *plots]
 
+
+
+def write_sweep_report(folder: Path, rows: list[dict[str, Any]], *, title: str, notes: list[str] = ()) -> list[Path]:
+    """One table and one accuracy-vs-FLOPs plot for the variants of a sweep (same baseline, same data)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = next((r.get("acc_dense") for r in rows if _num(r.get("acc_dense")) is not None), None)
+    doc = _Doc(folder)
+    doc.h1(title)
+    for note in notes:
+        doc.p(note)
+    _draw(doc, "accuracy_vs_flops", "Accuracy vs FLOPs",
+          "Top-1 accuracy vs FLOPs per image (% of dense) for every variant of the sweep: filled markers after "
+          "fine-tuning, hollow before it (BN re-estimated). Dashed line and square: the dense model.",
+          lambda: _plot_accuracy({"metrics": {"acc_dense": dense}}, rows))
+    _sweep_table(doc, rows, dense)
+    latency_rows = [[r["label"], _ms(r.get("latency_p50_ms")), _ms(r.get("dense_latency_p50_ms")),
+                     _pct(r.get("acc_int8")), r.get("bundle", "-")] for r in rows]
+    doc.table(["variant", "pruned p50 batch 1 (measured)", "dense p50 batch 1 (measured)", "top-1 INT8",
+               "bundle"], latency_rows)
+    folder.joinpath("report.md").write_text(doc.markdown(), encoding="utf-8")
+    folder.joinpath("report.html").write_text(doc.html(title), encoding="utf-8")
+    return [folder / "report.md", folder / "report.html", *[folder / item.rel for kind, item in doc.blocks
+                                                             if kind == "fig"]]

@@ -55,7 +55,8 @@ def _write_imagefolder(root, classes=("cat", "dog"), per_class=3, size=20):
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
 
 
 def test_imagefolder_decodes_resizes_and_keeps_class_order(tmp_path):

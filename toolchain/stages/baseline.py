@@ -26,7 +26,8 @@ def read_checkpoint(path: str | Path, model_name: str, num_classes: int) -> dict
         raise UserError(f"checkpoint {p} is not weights-only loadable (it pickles code, refused for safety): "
                         f"{first[:200]}") from None
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
-        raise UserError(f"checkpoint {p} could not be read: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"checkpoint {p} could not be read: {type(e).__name__}: {first}") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options (flags override it)")
     parser.add_argument("--list-targets", action="store_true", help="print the hardware profiles and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    parser.add_argument("--devices", type=int, default=None, metavar="N",
+                        help="data-parallel training in N processes (relaunches itself under torchrun; "
+                             "one process per GPU on CUDA, gloo on CPU)")
     parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                         help="run one variant per value (repeatable: the product), e.g. criterion=l1,random,cmi "
                              "or keep_ratio=0.6,0.4; writes one comparison table and plot")
@@ -120,9 +123,32 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("build_edge").setLevel(level)  # libraries (onnxscript, torch) stay at warnings
 
 
+def _relaunch_under_torchrun(argv: list[str], devices: int) -> int:
+    import subprocess
+
+    rest, skip = [], False
+    for i, item in enumerate(argv):
+        if skip:
+            skip = False
+        elif item == "--devices":
+            skip = True
+        elif not item.startswith("--devices="):
+            rest.append(argv[i])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+           "-m", "toolchain", *rest]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    from toolchain.train import distributed as dist_utils
+
+    if args.devices is not None and args.devices < 1:
+        parser.error("--devices must be >= 1")
+    if args.devices and args.devices > 1 and not dist_utils.launched_by_torchrun():
+        return _relaunch_under_torchrun(argv, args.devices)
     try:
         if args.list_targets:
             from toolchain.targets import format_targets_table
@@ -145,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         from toolchain.pipeline import run_pipeline
 
         bundle = run_pipeline(cfg)
+        dist_utils.shutdown()
     except UserError as e:
         sys.stderr.write(f"build-edge: error: {e}\n")
         return 2
     except BuildError as e:
         sys.stderr.write(f"build-edge: build failed: {e}\n")
         return 1
-    print(f"bundle: {bundle}")
+    if dist_utils.is_main():
+        print(f"bundle: {bundle}")
     return 0
 
 

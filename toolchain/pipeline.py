@@ -51,22 +51,30 @@ class StageCache:
     def __init__(self, root: Path):
         self.root = root
 
-    def run(self, name: str, key: dict[str, Any], fn: Callable[[Path], dict[str, Any]]) -> tuple[Path, str, dict]:
+    def run(self, name: str, key: dict[str, Any], fn: Callable[[Path], dict[str, Any]], *,
+            all_ranks: bool = False) -> tuple[Path, str, dict]:
+        """Under torchrun, rank 0 alone runs a stage unless `all_ranks` (training stages); the others
+        wait and read its result. Only rank 0 writes done.json."""
         digest = stable_hash({"stage": name, **key})
         folder = self.root / f"{name}-{digest}"
         done = folder / "done.json"
         if done.exists():
             log.info("stage %-8s cached  (%s)", name, folder.name)
             return folder, digest, json.loads(done.read_text())
-        folder.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        log.info("stage %-8s running (%s)", name, folder.name)
-        result = fn(folder)
-        result["seconds"] = round(time.perf_counter() - started, 2)
-        if dist_utils.is_main():
-            atomic_write_json(done, result)
+        result: dict[str, Any] = {}
+        if all_ranks or dist_utils.is_main():
+            if dist_utils.is_main():
+                folder.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            log.info("stage %-8s running (%s)", name, folder.name)
+            result = fn(folder)
+            result["seconds"] = round(time.perf_counter() - started, 2)
+            if dist_utils.is_main():
+                atomic_write_json(done, result)
+            log.info("stage %-8s done in %.1fs", name, result["seconds"])
         dist_utils.barrier()
-        log.info("stage %-8s done in %.1fs", name, result["seconds"])
+        if not dist_utils.is_main():
+            result = json.loads(done.read_text())
         return folder, digest, result
 
 
@@ -121,9 +129,13 @@ def run_pipeline(cfg: Config) -> Path:
     data_key = {"dataset": cfg.dataset, "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
                 "image_size": cfg.image_size, "normalization": cfg.normalization,
                 "train_subset": cfg.train_subset, "test_subset": cfg.test_subset, "seed": cfg.seed}
+    if not dist_utils.is_main():
+        dist_utils.barrier()  # rank 0 decodes and caches the data first; the others read its cache
     data = load_dataset(cfg.dataset, cfg.data_dir, cache_dir=out / ".cache", image_size=cfg.image_size,
                         normalization=cfg.normalization, train_subset=cfg.train_subset,
                         test_subset=cfg.test_subset, seed=cfg.seed)
+    if dist_utils.is_main():
+        dist_utils.barrier()
     if pre.checkpoint is not None and data.num_classes != pre.num_classes:
         raise UserError(f"checkpoint has {pre.num_classes} classes but the data has {data.num_classes}")
     log.info("data: %s, %d train / %d test images, %d classes, input %s", data.name, len(data.train),
@@ -154,7 +166,7 @@ def run_pipeline(cfg: Config) -> Path:
             atomic_torch_save(model.cpu().state_dict(), folder / "model.pt")
         return {"test_acc": acc, "source": cfg.checkpoint or "trained"}
 
-    base_dir, base_digest, base = stages.run("baseline", base_key, do_baseline)
+    base_dir, base_digest, base = stages.run("baseline", base_key, do_baseline, all_ranks=True)
     dense = create_model(cfg.model, num_classes=data.num_classes)
     dense.load_state_dict(torch.load(base_dir / "model.pt", map_location="cpu", weights_only=True))
     dense.eval()
@@ -232,7 +244,7 @@ def run_pipeline(cfg: Config) -> Path:
                               folder / "model.pt")
         return {"test_acc": acc, "history": history}
 
-    ft_dir, ft_digest, ft = stages.run("finetune", ft_key, do_finetune)
+    ft_dir, ft_digest, ft = stages.run("finetune", ft_key, do_finetune, all_ranks=True)
     if not dist_utils.is_main():
         return out / run  # rank 0 alone exports, benchmarks and writes the bundle
     pruned = prune_stage.build_pruned(create_model(cfg.model, num_classes=data.num_classes), example, record)

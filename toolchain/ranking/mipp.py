@@ -188,27 +188,23 @@ def _packed_distances(x: torch.Tensor, iu: torch.Tensor, dtype: torch.dtype) -> 
 
 
 class _RenyiMI:
-    """``I(X_S; Y)`` for sets S given by their summed packed squared distances, batched."""
+    """``I(X_S; Y)`` for channel sets S given by their summed packed squared distances, batched.
 
-    def __init__(self, n: int, iu: torch.Tensor, d_y: torch.Tensor, *, kernel: str, alpha: float,
-                 scale_x: float | None, scale_y: float | None):
-        self.n, self.iu, self.kernel, self.alpha = n, iu, kernel, alpha
-        npairs = iu.shape[1]  # the median kernel's width: median over a fixed subset of pairs
-        self.med_idx = torch.arange(0, npairs, max(1, npairs // MEDIAN_PAIRS), device=iu.device)
-        self.scale_x = scale_x  # paper kernel: 2 sigma^2 of the layer's channels
-        e_y = self.exponents(d_y[None], scale_y)[0]
-        self.k_y2 = torch.exp(-2.0 * e_y)
-        self.k_y_full = None if alpha == 2.0 else self._unpack(torch.exp(-e_y[None]))
-        self.s_y = float(self._entropy(e_y[None])[0])
+    Gram of a set: ``exp(-D_S / scale)`` with one fixed ``scale`` per layer (``2 sigma^2`` of the
+    paper rule, or the median of the whole layer's D for the median kernel), which is the
+    Hadamard product of the channels' Gaussian kernels.
+    """
 
-    def exponents(self, d: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        """Kernel exponents ``D / scale`` of a batch (B, P): a fixed scale (paper) or the median."""
-        if self.kernel == "paper":
-            s = self.scale_x if scale is None else scale
-            return d / s
-        med = d[:, self.med_idx].median(dim=-1, keepdim=True).values
-        s = torch.where(med > 0, med, d.mean(-1, keepdim=True))
-        return torch.where(s > 0, d / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(d))
+    def __init__(self, n: int, iu: torch.Tensor, d_y: torch.Tensor, *, alpha: float, scale_x: float,
+                 scale_y: float):
+        self.n, self.iu, self.alpha, self.scale_x = n, iu, alpha, scale_x
+        e_y = d_y[None] / scale_y
+        self.k_y2 = torch.exp(-2.0 * e_y[0])
+        self.k_y_full = None if alpha == 2.0 else self._unpack(torch.exp(-e_y))
+        self.s_y = float(self._entropy(e_y)[0])
+
+    def exponents(self, d: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        return d * (1.0 / (self.scale_x if scale is None else scale))
 
     def _unpack(self, k: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(k.shape[0], self.n, self.n, dtype=k.dtype, device=k.device)
@@ -241,12 +237,24 @@ class _RenyiMI:
                            - renyi_entropy(k * self.k_y_full, self.alpha))
         return torch.cat(out)
 
-    def mi(self, d: torch.Tensor) -> torch.Tensor:
-        """MI of sets given by summed distances (B, P)."""
-        return self.from_exponents(self.exponents(d))
+    def mi(self, d: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """MI of sets given by summed distances (B, P); ``scale`` overrides the layer's."""
+        return self.from_exponents(self.exponents(d, scale))
 
     def entropy(self, d: torch.Tensor) -> torch.Tensor:
         return self._entropy(self.exponents(d))
+
+
+def _median_scale(d: torch.Tensor) -> torch.Tensor:
+    """Median kernel scale of each row of packed distances (B, P): the median over a fixed subset
+    of at most MEDIAN_PAIRS pairs; the mean where the median is 0 (sparse maps); inf where every
+    distance is 0 (a constant variable: its kernel is all ones)."""
+    step = max(1, d.shape[1] // MEDIAN_PAIRS)
+    s = d[:, ::step].median(dim=-1, keepdim=True).values
+    if not bool((s > 0).all()):
+        s = torch.where(s > 0, s, d.mean(-1, keepdim=True))
+        s = torch.where(s > 0, s, torch.full_like(s, math.inf))
+    return s
 
 
 def _next_distances(y: torch.Tensor, iu: torch.Tensor, dev: torch.device, gamma: float, n: int
@@ -506,20 +514,28 @@ def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, ga
     del xc
     d_y, sigma_y, _ = _next_distances(yt, iu, dev, gamma, n)
     sigma = paper_sigma(n, max(d, 1), gamma)
-    est = _RenyiMI(n, iu, d_y, kernel=kernel, alpha=alpha, scale_x=2.0 * sigma * sigma,
-                   scale_y=2.0 * sigma_y * sigma_y)
+    if kernel == "paper":
+        scale_x, scale_y = 2.0 * sigma * sigma, 2.0 * sigma_y * sigma_y
+        widths: dict[str, Any] = {"channels": sigma, "next": sigma_y}
+    else:  # fixed for the layer: the medians of the whole layer's and of x_next's distances
+        scale_x = float(_median_scale(dx.double().sum(0, keepdim=True))[0, 0])
+        scale_y = float(_median_scale(d_y[None])[0, 0])
+        widths = {"channels": math.sqrt(scale_x / 2.0), "next": math.sqrt(scale_y / 2.0)}
+    est = _RenyiMI(n, iu, d_y, alpha=alpha, scale_x=scale_x, scale_y=scale_y)
 
     # visit order: single-channel MI with x_next, least informative first (ties: lower index);
-    # the median kernel gives every channel its own width
-    mi_single = torch.cat([est.mi(dx[a:a + 64].double()) for a in range(0, c, 64)]).cpu()
+    # with the median kernel every channel gets its own median width here
+    mi_single = []
+    for a in range(0, c, 64):
+        da = dx[a:a + 64].double()
+        mi_single.append(est.mi(da, None if kernel == "paper" else _median_scale(da)))
+    mi_single = torch.cat(mi_single).cpu()
     visit = torch.sort(mi_single, stable=True).indices.tolist()
 
     sel = MIPPSelection(kept=[], evidence=[0.0] * c, visit_order=visit, removed_order=[],
                         mi_single=mi_single.tolist(), estimator=estimator, confidence=confidence,
                         max_entropy=math.log(n), kernel=kernel, entropy_next=est.s_y,
-                        p_values=[None] * c, drops=[0.0] * c)
-    sel.widths = ({"channels": sigma, "next": sigma_y} if kernel == "paper"
-                  else {"channels": "median", "next": "median"})
+                        p_values=[None] * c, drops=[0.0] * c, widths=widths)
     if estimator == "renyi":
         _renyi_pass(sel, est, dx, confidence, seed)
     else:
@@ -586,9 +602,9 @@ def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.d
     tcrit = _t_critical(confidence, repeats - 1)
     kept = torch.ones(c, dtype=torch.bool, device=dev)
     base, _ = mlp.fit(mlp.init(), kept[None].expand(repeats, c), MLP_BASE_STEPS)
-    _, control = mlp.fit(base, kept[None].expand(repeats, c), MLP_RETRAIN_STEPS)
-    runs = discarded = 0
-    stats: dict[int, dict[str, float]] = {}
+    control = torch.zeros(repeats, dtype=torch.float64)
+    need_control = True  # the control runs join the next batch after every change of the base
+    runs = discarded = fits = 0
     visit = sel.visit_order
     pos, batch = 0, 4
     while pos < len(visit):
@@ -597,19 +613,24 @@ def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.d
         masks = kept[None].repeat(b * repeats, 1)
         cidx = torch.tensor(cands, device=dev).repeat_interleave(repeats)
         masks[torch.arange(b * repeats, device=dev), cidx] = False
-        params, losses = mlp.fit(mlp.reroute(mlp.repeat(base, b), cands), masks, MLP_RETRAIN_STEPS)
+        start = mlp.reroute(mlp.repeat(base, b), cands)
+        if need_control:  # groups b*R .. b*R+R-1: the base retrained unmasked, repeat r at b*R + r
+            start = {k: torch.cat([v, base[k]]) for k, v in start.items()}
+            masks = torch.cat([masks, kept[None].expand(repeats, c)])
+        params, losses = mlp.fit(start, masks, MLP_RETRAIN_STEPS)
+        fits += 1
+        if need_control:
+            control, need_control = losses[b * repeats:].cpu(), False
         runs += b
-        rises = (losses.view(b, repeats) - control[None]).cpu()
+        rises = (losses[:b * repeats].view(b, repeats).cpu() - control[None])
         tol = MLP_RISE_TOL * float(control.mean())
         removed_at = None
         for j, ch in enumerate(cands):
             r = rises[j]
             mean, sd = float(r.mean()), float(r.std(unbiased=True))
-            lcb = mean - tcrit * sd / math.sqrt(repeats)
-            evidence = lcb - tol
+            evidence = mean - tcrit * sd / math.sqrt(repeats) - tol  # lower confidence bound - tolerance
             sel.evidence[ch] = evidence
             sel.drops[ch] = mean
-            stats[ch] = {"mean_rise": mean, "sd": sd}
             if evidence > 0:
                 continue
             if int(kept.sum()) == 1:
@@ -619,21 +640,21 @@ def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.d
             mlp.remove(ch)
             sel.removed_order.append(ch)
             base = mlp.take(params, torch.arange(j * repeats, (j + 1) * repeats, device=dev))
-            _, control = mlp.fit(base, kept[None].expand(repeats, c), MLP_RETRAIN_STEPS)
+            need_control = True
             removed_at = j
             break
         if removed_at is None:
             pos += b
             batch = min(2 * batch, MLP_MAX_BATCH)
-        else:
+        else:  # speculate on as many candidates as were kept in a row before the removal, plus one
             pos += removed_at + 1
             discarded += b - removed_at - 1
-            batch = max(1, min(2 * (removed_at + 1), MLP_MAX_BATCH))
+            batch = max(1, min(removed_at + 1, MLP_MAX_BATCH))
     sel.kept = torch.nonzero(kept).flatten().cpu().tolist()
     sel.mlp = {"hidden": MLP_HIDDEN, "base_steps": MLP_BASE_STEPS, "retrain_steps": MLP_RETRAIN_STEPS,
                "repeats": repeats, "t_critical": tcrit, "pool": mlp.pool, "pool_next": mlp.pool_next,
                "inputs": int(mlp.x.shape[1]), "outputs": int(mlp.y.shape[1]), "candidate_runs": runs,
-               "discarded_runs": discarded}
+               "discarded_runs": discarded, "fits": fits}
 
 
 # ---------------------------------------------------------------- the criterion

@@ -11,6 +11,7 @@ from torch import nn
 from toolchain.errors import UserError
 from toolchain.models import create_model
 from toolchain.stages.data import Dataset, DeviceLoader
+from toolchain.train import distributed as dist_utils
 from toolchain.train.engine import Recipe, fit
 
 
@@ -62,8 +63,8 @@ def train_baseline(data: Dataset, model_name: str, *, epochs: int, lr: float, ba
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=data.num_classes).to(device, memory_format=torch.channels_last)
     train = DeviceLoader(data.train, data, batch_size, device, shuffle=True, augment=True, seed=seed,
-                         channels_last=True)
+                         channels_last=True, rank=dist_utils.rank(), world=dist_utils.world_size())
     test = DeviceLoader(data.test, data, 512, device, channels_last=True)
     recipe = Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, amp=amp)
-    fit(model, train, test, device, recipe, workdir, desc="baseline")
+    fit(dist_utils.wrap(model, device), train, test, device, recipe, workdir, desc="baseline")
     return model

@@ -171,6 +171,13 @@ def run_pipeline(cfg: Config) -> Path:
     dense.load_state_dict(torch.load(base_dir / "model.pt", map_location="cpu", weights_only=True))
     dense.eval()
     layers = prune_stage.find_prunable_layers(dense, example)
+    # pruning at initialisation (MIPP --at-init): rank and cut a freshly initialised model, then train it
+    at_init = bool(cfg.criterion_options.get("at_init"))
+    if at_init:
+        torch.manual_seed(cfg.seed)
+        source = create_model(cfg.model, num_classes=data.num_classes).eval()
+    else:
+        source = dense
     if not layers:
         raise UserError(f"model {cfg.model} has no prunable convolution")
 
@@ -179,12 +186,12 @@ def run_pipeline(cfg: Config) -> Path:
                 "samples": cfg.rank_samples}
 
     def do_rank(folder: Path) -> dict[str, Any]:
-        model = dense.to(device)
+        model = source.to(device)
         found = prune_stage.find_prunable_layers(model, example.to(device))
         rankings = rank_stage.rank_channels(model, found, data, criterion=cfg.criterion,
                                             options=cfg.criterion_options, samples=cfg.rank_samples,
                                             seed=cfg.seed, device=device)
-        dense.cpu()
+        source.cpu()
         atomic_write_json(folder / "rankings.json", {name: r.__dict__ for name, r in rankings.items()})
         return {"layers": len(rankings)}
 
@@ -199,14 +206,14 @@ def run_pipeline(cfg: Config) -> Path:
         counts = prune_stage.resolve_keep_counts(layers, rankings, keep_ratio=cfg.keep_ratio, per_layer=cfg.keep,
                                                  round_to=cfg.round_to)
         kept = prune_stage.kept_indices(rankings, counts)
-        pruned, record = prune_stage.prune_model(dense, example, kept)
+        pruned, record = prune_stage.prune_model(source, example, kept)
         flops_d, params_d = prune_stage.count_flops_params(dense, data.input_shape)
         flops_p, params_p = prune_stage.count_flops_params(pruned, data.input_shape)
         acc_raw = evaluate(pruned.to(device), test_loader, device, desc="eval pruned")
         probe = DeviceLoader(data.train, data, 256, device, shuffle=True, seed=cfg.seed + 1)
         recalibrated = recalibrate_batchnorm(pruned, probe, device, cfg.bn_recalibration)
         acc_bn = evaluate(pruned, test_loader, device, desc="eval pruned+bn")
-        atomic_torch_save(prune_stage.mask_model(dense, kept).state_dict(), folder / "masked.pt")
+        atomic_torch_save(prune_stage.mask_model(source, kept).state_dict(), folder / "masked.pt")
         atomic_write_json(folder / "architecture.json", {"model": cfg.model, "num_classes": data.num_classes,
                                                          "input_shape": list(data.input_shape),
                                                          **record.to_json()})
@@ -225,14 +232,18 @@ def run_pipeline(cfg: Config) -> Path:
         return prune_stage.prune_model(masked.eval(), example, record.kept)[0]
 
     # finetune --------------------------------------------------------------------------------
-    ft_key = {"prune": prune_digest, "epochs": cfg.finetune_epochs, "lr": cfg.lr, "momentum": cfg.momentum,
-              "wd": cfg.weight_decay, "ls": cfg.label_smoothing, "distill": cfg.distill,
+    ft_key = {"prune": prune_digest, "epochs": cfg.finetune_epochs, "lr": cfg.lr, "at_init": at_init,
+              "init_epochs": cfg.baseline_epochs if at_init else None,
+              "init_lr": cfg.baseline_lr if at_init else None, "momentum": cfg.momentum, "wd": cfg.weight_decay,
+              "ls": cfg.label_smoothing, "distill": cfg.distill,
               "alpha": cfg.distill_alpha, "T": cfg.distill_temperature, "batch_size": cfg.batch_size, "amp": cfg.amp,
               "world": dist_utils.world_size()}
 
     def do_finetune(folder: Path) -> dict[str, Any]:
         model = load_pruned_unfinetuned()
-        recipe = Recipe(epochs=cfg.finetune_epochs, lr=cfg.lr, momentum=cfg.momentum,
+        # at init the pruned model is trained like a baseline, not fine-tuned
+        epochs, lr = (cfg.baseline_epochs, cfg.baseline_lr) if at_init else (cfg.finetune_epochs, cfg.lr)
+        recipe = Recipe(epochs=epochs, lr=lr, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
                         distill_alpha=cfg.distill_alpha, distill_temperature=cfg.distill_temperature, amp=cfg.amp)
         teacher = dense if cfg.distill else None

@@ -309,9 +309,13 @@ def run_pipeline(cfg: Config) -> Path:
     engine_dir, _, engine = stages.run("engine", engine_key, do_engine)
 
     # bench -----------------------------------------------------------------------------------
-    variants = {"dense/fp32": export_dir / "dense.onnx", "pruned/fp32": export_dir / "pruned.onnx",
-                "pruned/int8": quant_dir / "model.int8.onnx"}
-    bench_key = {"quantize": quant_digest, "target": target.name, "runs": cfg.bench_runs, "batches": batch_sizes}
+    variants = {"dense/fp32": ("onnxruntime", export_dir / "dense.onnx"),
+                "pruned/fp32": ("onnxruntime", export_dir / "pruned.onnx"),
+                "pruned/int8": ("onnxruntime", quant_dir / "model.int8.onnx")}
+    if engine.get("built"):
+        variants[f"pruned-tensorrt/{pre.precision}"] = ("tensorrt", engine_dir / engine["file"])
+    bench_key = {"quantize": quant_digest, "target": target.name, "runs": cfg.bench_runs, "batches": batch_sizes,
+                 "variants": sorted(variants)}
 
     def do_bench(folder: Path) -> dict[str, Any]:
         results = bench_stage.bench_models(variants, input_shape=data.input_shape,

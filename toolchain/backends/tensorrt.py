@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from toolchain.backends.base import BACKENDS, Backend
 from toolchain.errors import UserError
 
 if TYPE_CHECKING:
@@ -234,42 +235,93 @@ def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, workspac
     }
 
 
+@BACKENDS.register("tensorrt")
+class TensorRTBackend(Backend):
+    """A serialized engine on GPU 0, I/O through torch CUDA tensors (the benchmark's TensorRT runner)."""
+
+    name = "tensorrt"
+    enforces_address_limit = False  # CUDA maps huge virtual ranges: the budget is checked after the run
+
+    def __init__(self) -> None:
+        self._engine: Any = None
+        self._context: Any = None
+        self._input = ""
+        self._outputs: list[str] = []
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        ok, reason = tensorrt_status()
+        return ok, "" if ok else reason
+
+    def load(self, model_path: str, threads: int) -> None:
+        _require_tensorrt()
+        import tensorrt as trt
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise UserError(f"TensorRT engine {str(path)!r} not found")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise UserError(f"{path.name} cannot be loaded here (built by another TensorRT version or GPU?)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or not self._outputs:
+            raise UserError(f"{path.name}: expected one input and at least one output, got {names}")
+        self._engine, self._context, self._input = engine, engine.create_execution_context(), inputs[0]
+
+    def input_dtype(self) -> np.dtype:
+        import tensorrt as trt
+
+        return np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._input)))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import tensorrt as trt
+        import torch
+
+        device = torch.device("cuda", 0)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=self.input_dtype())).to(device)
+        self._context.set_input_shape(self._input, trt.Dims(list(x.shape)))
+        self._context.set_tensor_address(self._input, x.data_ptr())
+        buffers: dict[str, Any] = {}
+        for name in self._outputs:
+            shape = _dims(self._context.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            buffers[name] = torch.from_numpy(np.empty(shape, dtype=dtype)).to(device)
+            self._context.set_tensor_address(name, buffers[name].data_ptr())
+        stream = torch.cuda.current_stream(device)
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT failed to run the engine")
+        stream.synchronize()
+        out: np.ndarray = buffers[self._outputs[0]].cpu().numpy()
+        return out
+
+    def device(self) -> str:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+
+    def versions(self) -> dict[str, str]:
+        import tensorrt as trt
+
+        return {**super().versions(), "tensorrt": str(trt.__version__)}
+
+    def device_peak_bytes(self) -> int:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()) + int(getattr(self._engine, "device_memory_size", 0) or 0)
+
+    def close(self) -> None:
+        self._context = None
+        self._engine = None
+
+
 def infer_engine(engine_path: Path, batch: np.ndarray) -> np.ndarray:
     """Run a serialized engine on `batch` (float32 NCHW) on GPU 0; returns the first output as numpy."""
-    _require_tensorrt()
-    import tensorrt as trt
-    import torch
-
-    engine_path = Path(engine_path)
-    if not engine_path.is_file():
-        raise UserError(f"TensorRT engine {str(engine_path)!r} not found")
-    logger = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
-    if engine is None:
-        raise UserError(f"{engine_path.name} cannot be loaded here (built by another TensorRT version or GPU?)")
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if len(inputs) != 1 or not outputs:
-        raise UserError(f"{engine_path.name}: expected one input and at least one output, got {names}")
-    device = torch.device("cuda", 0)
-    x = np.ascontiguousarray(batch, dtype=trt.nptype(engine.get_tensor_dtype(inputs[0])))
-    x_dev = torch.from_numpy(x).to(device)
-    context.set_input_shape(inputs[0], trt.Dims(list(x.shape)))
-    context.set_tensor_address(inputs[0], x_dev.data_ptr())
-    buffers: dict[str, torch.Tensor] = {}
-    for name in outputs:
-        shape = _dims(context.get_tensor_shape(name))
-        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-        buffers[name] = torch.from_numpy(np.empty(shape, dtype=dtype)).to(device)
-        context.set_tensor_address(name, buffers[name].data_ptr())
-    stream = torch.cuda.current_stream(device)
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise RuntimeError(f"TensorRT failed to run {engine_path.name}")
-    stream.synchronize()
-    return buffers[outputs[0]].cpu().numpy()
+    with TensorRTBackend() as backend:
+        backend.load(str(engine_path), threads=1)
+        return backend.infer(batch)
 
 
-__all__ = ["PRECISIONS", "TensorRTUnavailable", "build_engine", "infer_engine", "tensorrt_status"]
+__all__ = ["PRECISIONS", "TensorRTBackend", "TensorRTUnavailable", "build_engine", "infer_engine", "tensorrt_status"]

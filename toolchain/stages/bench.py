@@ -12,17 +12,18 @@ from toolchain.targets import list_targets
 SUMMARY = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_ips", "peak_rss_mb")
 
 
-def bench_models(models: dict[str, Path], *, input_shape: tuple[int, int, int], threads: int, runs: int,
-                 batch_sizes: list[int], memory_budget_mb: int | None = None) -> dict[str, Any]:
-    """{variant: full result} for each ONNX model, each measured in its own subprocess."""
-    return {name: benchmark("onnxruntime", path, batch_sizes, threads=threads, runs=runs,
+def bench_models(models: dict[str, tuple[str, Path]], *, input_shape: tuple[int, int, int], threads: int,
+                 runs: int, batch_sizes: list[int], memory_budget_mb: int | None = None) -> dict[str, Any]:
+    """{variant: full result} for each (backend, model file), each measured in its own subprocess."""
+    return {name: benchmark(backend, path, batch_sizes, threads=threads, runs=runs,
                             memory_budget_mb=memory_budget_mb, input_shape=input_shape).to_dict()
-            for name, path in models.items()}
+            for name, (backend, path) in models.items()}
 
 
 def latency_summary(results: dict[str, Any]) -> dict[str, Any]:
     """Per variant and batch size, the statistics people read (no per-run times)."""
     return {name: {"backend": r["backend"], "device": r["device"], "threads": r["threads"], "status": r["status"],
+                   "precision": name.rsplit("/", 1)[-1],
                    "batches": {str(b["batch_size"]): {k: b[k] for k in SUMMARY} for b in r["batches"]}}
             for name, r in results.items()}
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 
 from toolchain.backends.base import BACKENDS, Backend
 from toolchain.errors import UserError
+from toolchain.util import atomic_write_bytes
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -124,17 +123,6 @@ def _dims(dims: trt.Dims) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _parse_onnx(network: trt.INetworkDefinition, logger: trt.ILogger, onnx_path: Path) -> None:
     import tensorrt as trt
 
@@ -210,8 +198,8 @@ def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, workspac
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT log above)")
     data = memoryview(serialized)
-    _atomic_write(engine_path, data)
-    _atomic_write(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    atomic_write_bytes(engine_path, data)
+    atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
     device = _cuda_device()
     gpu_name, capability = device if device is not None else ("unknown", "unknown")
     return {

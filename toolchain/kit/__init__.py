@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from toolchain.errors import UserError
+from toolchain.util import atomic_write_bytes, sha256_file
 
 KIT_DIR = "kit"
 KIT_SCHEMA = "build-edge-kit/1"
@@ -44,18 +43,7 @@ def _fill(text: str, values: Mapping[str, Any], name: str) -> str:
 
 
 def _atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(path, text.encode("utf-8"), 0o644 if mode is None else mode)
 
 
 def _target_dict(target: Any) -> dict[str, Any]:
@@ -184,11 +172,7 @@ def write_kit(bundle_dir: Path, *, model_files: Mapping[str, str], target: Any, 
 
 # -- results from the device ---------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def _load_result(path: Path) -> dict[str, Any]:

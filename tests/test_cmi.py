@@ -385,7 +385,7 @@ def test_criterion_budget_and_permutation():
 @pytest.mark.parametrize("options", [
     {"formulation": "layerwise"}, {"order": "backward"}, {"cutoff": "elbow"}, {"alpha": 0}, {"alpha": "x"},
     {"gamma": -1}, {"permutations": 0}, {"permutations": 2.5}, {"eta": 1.5}, {"budget": "flops=1.5"},
-    {"budget": "latency=3"}, {"cutoff": "ratio"}, {"cutoff": "ratio", "keep_ratio": 0}, {"typo": 1},
+    {"budget": "latency=3"}, {"cutoff": "ratio", "keep_ratio": 0}, {"typo": 1},
     {"kernel": "median"},
 ])
 def test_bad_options_raise_user_error(options):
@@ -394,7 +394,25 @@ def test_bad_options_raise_user_error(options):
     assert "\n" not in str(err.value)
 
 
+def test_ratio_cutoff_uses_the_runs_keep_ratio():
+    ctx = _tiny_context({"cutoff": "ratio"})
+    with pytest.raises(UserError, match="keep ratio"):
+        cmi_mod.cmi_criterion(ctx)
+    ctx.keep_ratio = 0.5
+    out = cmi_mod.cmi_criterion(ctx)
+    assert all(r.keep == round(0.5 * len(r.order)) or r.keep == max(1, int(0.5 * len(r.order))) for r in out.values())
+
+
 def test_option_defaults():
     o = parse_options({"samples": 256})
     assert (o.formulation, o.order, o.cutoff, o.budget, o.alpha, o.gamma, o.permutations, o.eta, o.kernel) == \
         ("per-layer", "forward", "scree", None, 2.0, 5.0, 100, 0.05, "exact")
+
+
+def test_criterion_adaptive_kernel():
+    ctx = _tiny_context({"kernel": "adaptive", "cutoff": "knee"})
+    out = CRITERIA.get("cmi")(ctx)
+    _check(out, ctx)
+    for layer in ctx.layers:
+        info = out[layer.name].info
+        assert info["kernel"] == "adaptive" and len(info["widths"]["channels"]) == layer.channels

@@ -183,14 +183,16 @@ def run_pipeline(cfg: Config) -> Path:
 
     # rank ------------------------------------------------------------------------------------
     rank_key = {"baseline": base_digest, "criterion": cfg.criterion, "options": cfg.criterion_options,
-                "samples": cfg.rank_samples}
+                "samples": cfg.rank_samples, "at_init": at_init,
+                # a criterion's own "ratio" cutoff reads the run's keep ratio
+                "keep_ratio": cfg.keep_ratio if cfg.criterion_options.get("cutoff") == "ratio" else None}
 
     def do_rank(folder: Path) -> dict[str, Any]:
         model = source.to(device)
         found = prune_stage.find_prunable_layers(model, example.to(device))
         rankings = rank_stage.rank_channels(model, found, data, criterion=cfg.criterion,
                                             options=cfg.criterion_options, samples=cfg.rank_samples,
-                                            seed=cfg.seed, device=device)
+                                            seed=cfg.seed, device=device, keep_ratio=cfg.keep_ratio)
         source.cpu()
         atomic_write_json(folder / "rankings.json", {name: r.__dict__ for name, r in rankings.items()})
         return {"layers": len(rankings)}

@@ -42,6 +42,7 @@ class RankContext:
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)  # criterion options from the config
     seed: int = 0
+    keep_ratio: float | None = None  # the run's uniform keep ratio (for criteria with a "ratio" cutoff)
 
 
 @dataclass

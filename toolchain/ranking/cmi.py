@@ -556,8 +556,6 @@ def parse_options(options: Mapping[str, Any] | None) -> CMIOptions:
     keep_ratio = opts.get("keep_ratio")
     if keep_ratio is not None:
         keep_ratio = _check_number("cmi option keep_ratio", keep_ratio, 0.0, 1.0)
-    if cutoff == "ratio" and keep_ratio is None:
-        raise UserError("cmi option cutoff=ratio needs keep_ratio (a fraction in (0, 1])")
     return CMIOptions(
         formulation=_choice("formulation", get("formulation"), FORMULATIONS),
         order=_choice("order", get("order"), ORDERS),
@@ -612,8 +610,11 @@ class _Engine:
             return k, {"candidates": cuts}
         if o.cutoff == "knee":
             return knee_cutoff(curve), {}
-        if o.cutoff == "ratio":
-            return ratio_cutoff(channels, float(o.keep_ratio)), {}
+        if o.cutoff == "ratio":  # the option, else the run's --keep-ratio
+            ratio = o.keep_ratio if o.keep_ratio is not None else self.ctx.keep_ratio
+            if ratio is None:
+                raise UserError("cmi cutoff=ratio needs a keep ratio (option keep_ratio or --keep-ratio)")
+            return ratio_cutoff(channels, float(ratio)), {"keep_ratio": ratio}
         return permutation_cutoff(res.p_values or [], o.eta, channels), {}
 
     def per_layer_pass(self) -> list[CMIRanking]:

@@ -438,12 +438,13 @@ class MIPPSelection:
     forced: int | None = None  # the channel kept only because a layer keeps at least one
     p_values: list[float | None] = field(default_factory=list)  # renyi: permutation p (None: untested)
     drops: list[float] = field(default_factory=list)  # renyi: observed MI drop; mlp: mean loss rise
+    critical: list[float | None] = field(default_factory=list)  # renyi: critical null drop (None: untested)
     mi_full: float | None = None  # renyi: I(X_all; x_next)
     mi_kept: float | None = None  # renyi: I(X_kept; x_next)
     entropy_full: float | None = None  # renyi: S(X_all)
     entropy_next: float | None = None  # S(x_next)
     max_entropy: float = 0.0  # ln N
-    kernel: str = "paper"
+    kernel: str = "median"
     widths: dict[str, Any] = field(default_factory=dict)
     permutations: int | None = None
     mlp: dict[str, Any] | None = None  # mlp settings and counts
@@ -467,6 +468,7 @@ class MIPPSelection:
             "visit_order": list(self.visit_order), "removed_order": list(self.removed_order),
             "mi_single": [float(v) for v in self.mi_single], "forced": self.forced,
             "p_values": [f(p) for p in self.p_values], "drops": [float(v) for v in self.drops],
+            "critical": [f(v) if v is None or math.isfinite(v) else None for v in self.critical],
             "mi_full": f(self.mi_full), "mi_kept": f(self.mi_kept), "entropy_full": f(self.entropy_full),
             "entropy_next": f(self.entropy_next), "max_entropy": float(self.max_entropy),
             "saturated": self.saturated, "kernel": self.kernel, "widths": self.widths,
@@ -476,7 +478,7 @@ class MIPPSelection:
 
 @torch.no_grad()
 def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, gamma=5.0, repeats=5, seed=0,
-                 device=None, kernel="paper") -> MIPPSelection:
+                 device=None, kernel="median") -> MIPPSelection:
     """Kept channels of one layer by MIPP's redundancy rule (see the module docstring).
 
     ``x``: (N, C, H, W) activations of the layer being pruned (any (N, C, ...) works);
@@ -535,7 +537,7 @@ def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, ga
     sel = MIPPSelection(kept=[], evidence=[0.0] * c, visit_order=visit, removed_order=[],
                         mi_single=mi_single.tolist(), estimator=estimator, confidence=confidence,
                         max_entropy=math.log(n), kernel=kernel, entropy_next=est.s_y,
-                        p_values=[None] * c, drops=[0.0] * c, widths=widths)
+                        p_values=[None] * c, drops=[0.0] * c, critical=[None] * c, widths=widths)
     if estimator == "renyi":
         _renyi_pass(sel, est, dx, confidence, seed)
     else:
@@ -544,20 +546,22 @@ def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, ga
     return sel
 
 
+def _packed_index(pi: torch.Tensor, iu: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed position of the pair (pi[a], pi[b]) for every pair a < b: (B, P) for permutations (B, N)."""
+    lo = torch.minimum(pi[:, iu[0]], pi[:, iu[1]])
+    hi = torch.maximum(pi[:, iu[0]], pi[:, iu[1]])
+    return lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
+
+
 def _renyi_pass(sel: MIPPSelection, est: _RenyiMI, dx: torch.Tensor, confidence: float, seed: int) -> None:
     c, npairs = dx.shape
-    n = est.n
+    n, iu = est.n, est.iu
     perms = permutation_count(confidence)
     sel.permutations = perms
     allowed = math.floor((1.0 - confidence) * (perms + 1) - 1.0 + 1e-9)  # null drops >= d allowed when kept
     gen = torch.Generator().manual_seed(int(seed))
-    pi = torch.argsort(torch.rand(perms, n, generator=gen), dim=1).to(dx.device)
-    # packed position of (pi[a], pi[b]) for every pair a < b
-    iu = est.iu
-    lo = torch.minimum(pi[:, iu[0]], pi[:, iu[1]])
-    hi = torch.maximum(pi[:, iu[0]], pi[:, iu[1]])
-    pidx = lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
-    del lo, hi
+    # the same row permutations for every channel of the layer
+    pidx = _packed_index(torch.argsort(torch.rand(perms, n, generator=gen), dim=1).to(dx.device), iu, n)
 
     kept = torch.ones(c, dtype=torch.bool)
     d_set = dx.double().sum(0)
@@ -579,6 +583,7 @@ def _renyi_pass(sel: MIPPSelection, est: _RenyiMI, dx: torch.Tensor, confidence:
             null = (null - i_rest).cpu()
             sel.p_values[ch] = (1 + int((null >= drop).sum())) / (perms + 1)
             crit = float(torch.sort(null).values[perms - allowed - 1]) if allowed >= 0 else math.inf
+            sel.critical[ch] = crit
             evidence = drop - max(crit, DROP_TOL)
         sel.evidence[ch] = float(evidence)
         if evidence > 0:
@@ -672,7 +677,7 @@ class MIPPOptions:
     repeats: int = 5
     at_init: bool = False
     mlp_layers: tuple[str, ...] | None = None
-    kernel: str = "paper"
+    kernel: str = "median"
 
 
 def parse_options(options: Mapping[str, Any] | None, layer_names: Sequence[str] | None = None) -> MIPPOptions:

@@ -12,13 +12,15 @@ from toolchain.stages.data import Dataset, balanced_indices
 
 
 def rank_channels(model: nn.Module, layers: list[PrunableLayer], data: Dataset, *, criterion: str,
-                  options: dict[str, Any], samples: int, seed: int, device: torch.device) -> dict[str, LayerRanking]:
+                  options: dict[str, Any], samples: int, seed: int, device: torch.device,
+                  keep_ratio: float | None = None) -> dict[str, LayerRanking]:
     load_criteria()
     fn = CRITERIA.get(criterion)
     idx = balanced_indices(data.train.labels, samples, seed)
     images = data.normalize(data.train.images[idx].to(device))
     ctx = RankContext(model=model.eval(), layers=layers, images=images, labels=data.train.labels[idx].to(device),
-                      num_classes=data.num_classes, device=device, options=dict(options), seed=seed)
+                      num_classes=data.num_classes, device=device, options=dict(options), seed=seed,
+                      keep_ratio=keep_ratio)
     rankings = fn(ctx)
     for layer in layers:
         r = rankings[layer.name]

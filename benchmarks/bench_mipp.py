@@ -20,6 +20,7 @@ Data: ``.data/cifar10/{train,test}/<class>/*.jpg`` (unpacked from
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -95,7 +96,9 @@ def main() -> None:
     print(f"device {device}, {args.threads} threads; data {time.perf_counter() - t0:.0f}s; N = {len(idx)} "
           f"class-balanced training images; test subset {len(test)} images (class-balanced); "
           f"BN re-estimated on {args.bn_images} training images")
-    print(f"dense: {params_d / 1e6:.2f} M params, {flops_d / 1e6:.1f} MFLOPs, test acc {acc_d:.2%}")
+    acc_d_bn = bn_accuracy(copy.deepcopy(dense), data, test, device, args.bn_images, args.seed)
+    print(f"dense: {params_d / 1e6:.2f} M params, {flops_d / 1e6:.1f} MFLOPs, test acc {acc_d:.2%} "
+          f"({acc_d_bn:.2%} after BN re-estimation)")
 
     for variant in args.variants.split(","):
         estimator, _, kernel = variant.partition(":")

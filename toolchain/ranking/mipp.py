@@ -35,22 +35,35 @@ Estimators (``estimator=``):
   matters because this estimator is biased upwards: adding an unrelated channel also raises
   the matrix-based MI, so ``d > 0`` alone says little.
 
-  Kernels (``kernel=``): ``"paper"`` widths ``gamma * N^(-1/(4+d))`` as in the CMI engine (d =
-  H*W of one channel; for ``x_next`` d = H*W of its channels, or its width for a 2-D ``x_next``
-  such as logits), or ``"median"``: scale-free widths, ``K = exp(-D / median(D))`` with D the
-  summed squared distances of the set (recomputed for every leave-one-out and permuted set;
-  the mean is used where the median is 0). ALGORITHMS.md section 5 explains why the paper
-  widths saturate on real layers (every Gram near I/N, every drop 0), and on a freshly
-  initialised network they depend on arbitrary activation scales; the median kernel does not.
+  Kernels (``kernel=``, one fixed width per layer so that a set's Gram is always the product of
+  its channels' kernels): ``"median"`` (default): ``K = exp(-D / m)`` with m the median of the
+  *whole layer's* summed squared distances (over a fixed subset of ``MEDIAN_PAIRS`` pairs; the
+  mean where the median is 0), and the same rule for ``x_next``; or ``"paper"``: the CMI
+  engine's widths ``gamma * N^(-1/(4+d))`` (d = H*W of one channel; for ``x_next`` d = H*W of
+  its channels, or its width for a 2-D ``x_next`` such as logits). ``gamma`` only acts on the
+  paper kernel. Measured on the shared VGG16-BN baseline (benchmarks/bench_mipp.py): with the
+  paper widths every layer but the last three is saturated (ALGORITHMS.md section 5), every
+  drop looks like noise and the layers collapse to a handful of channels (10% accuracy); the
+  median kernel is scale-free (it also behaves on a freshly initialised network, whose
+  activation scales are arbitrary). The visit order uses single-channel MIs, each channel with
+  its own median width under the median kernel.
+
+  Periodic exact re-sums aside, nothing is recomputed from scratch: per candidate one
+  leave-one-out MI and, when its drop is positive, ``P`` permuted ones (O(P N^2) for alpha 2;
+  other alphas go through batched float64 eigenvalues, ``toolchain.info.renyi.renyi_entropy``).
 
 - ``mlp`` (the paper's): MI is measured by how well a small MLP (one hidden layer of
-  ``MLP_HIDDEN`` ReLU units, Adam, full batch, MSE on standardised targets) predicts
-  ``x_next`` from the kept channels. The layer's maps and ``x_next`` are average-pooled to at
-  most 2x2 (1x1 where ``C * 4`` would exceed ``MLP_MAX_INPUTS``), every feature standardised
-  (constant features become 0). ``repeats`` MLPs (own seed, own random 75/25 train/validation
+  ``MLP_HIDDEN`` ReLU units, Adam, full batch, MSE, L1 on the input weights and L2 on the
+  output weights) predicts ``x_next`` from the kept channels. The layer's maps and ``x_next``
+  are average-pooled to at most 2x2 (1x1 where ``C * 4`` would exceed ``MLP_MAX_INPUTS``),
+  every feature standardised (constant features become 0), and ``x_next`` reduced to its
+  first ``MLP_MAX_OUTPUTS`` principal components. ``repeats`` MLPs (own seed, own random 75/25 train/validation
   split of the N samples) are trained on the kept set (``MLP_BASE_STEPS``). For a candidate
   each is retrained briefly (``MLP_RETRAIN_STEPS``) with the channel masked, and, as the
-  control, retrained the same number of steps without masking; the rise is the difference of
+  control, retrained the same number of steps without masking. Before retraining, the masked
+  channel's input weights are moved onto the kept features that linearly predict it (ridge
+  regression from the kept features' precision matrix, downdated after each removal): a copy of
+  a kept channel is then masked at no cost, where 30 plain Adam steps do not re-route it; the rise is the difference of
   the two validation losses. Kept when the rise is significant: a one-sided paired t-test
   over the repeats at ``confidence`` (lower confidence bound of the mean rise
   ``mean - t_{conf, R-1} * sd / sqrt(R)`` above ``MLP_RISE_TOL`` times the control loss); that
@@ -258,8 +271,8 @@ def _median_scale(d: torch.Tensor) -> torch.Tensor:
 
 
 def _next_distances(y: torch.Tensor, iu: torch.Tensor, dev: torch.device, gamma: float, n: int
-                    ) -> tuple[torch.Tensor, float, float | None]:
-    """Summed packed squared distances of x_next, its paper width and its own dimension d."""
+                    ) -> tuple[torch.Tensor, float]:
+    """Summed packed squared distances of x_next and its paper width."""
     # (N, D): one variable (logits, features); (N, C', ...): C' channels of d = prod(shape[2:]) each
     flat = y.reshape(n, 1, -1) if y.ndim == 2 else y.reshape(n, y.shape[1], -1)
     t = flat.to(device=dev, dtype=torch.float64)
@@ -268,8 +281,7 @@ def _next_distances(y: torch.Tensor, iu: torch.Tensor, dev: torch.device, gamma:
     dist = torch.zeros(iu.shape[1], dtype=torch.float64, device=dev)
     if t.shape[1] and d:
         dist += _packed_distances(t, iu, torch.float64).sum(0)
-    sigma = paper_sigma(n, max(d, 1), gamma)
-    return dist, sigma, float(d)
+    return dist, paper_sigma(n, max(d, 1), gamma)
 
 
 # ---------------------------------------------------------------- the mlp estimator
@@ -514,7 +526,7 @@ def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, ga
     iu = torch.triu_indices(n, n, offset=1, device=dev)
     dx = _packed_distances(xc, iu, torch.float32)  # (C, P), raw squared distances per channel
     del xc
-    d_y, sigma_y, _ = _next_distances(yt, iu, dev, gamma, n)
+    d_y, sigma_y = _next_distances(yt, iu, dev, gamma, n)
     sigma = paper_sigma(n, max(d, 1), gamma)
     if kernel == "paper":
         scale_x, scale_y = 2.0 * sigma * sigma, 2.0 * sigma_y * sigma_y
@@ -522,7 +534,8 @@ def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, ga
     else:  # fixed for the layer: the medians of the whole layer's and of x_next's distances
         scale_x = float(_median_scale(dx.double().sum(0, keepdim=True))[0, 0])
         scale_y = float(_median_scale(d_y[None])[0, 0])
-        widths = {"channels": math.sqrt(scale_x / 2.0), "next": math.sqrt(scale_y / 2.0)}
+        widths = {k: math.sqrt(v / 2.0) if math.isfinite(v) else None  # None: constant, K = all ones
+                  for k, v in (("channels", scale_x), ("next", scale_y))}
     est = _RenyiMI(n, iu, d_y, alpha=alpha, scale_x=scale_x, scale_y=scale_y)
 
     # visit order: single-channel MI with x_next, least informative first (ties: lower index);
@@ -563,7 +576,7 @@ def _renyi_pass(sel: MIPPSelection, est: _RenyiMI, dx: torch.Tensor, confidence:
     # the same row permutations for every channel of the layer
     pidx = _packed_index(torch.argsort(torch.rand(perms, n, generator=gen), dim=1).to(dx.device), iu, n)
 
-    kept = torch.ones(c, dtype=torch.bool)
+    kept = torch.ones(c, dtype=torch.bool, device=dx.device)
     d_set = dx.double().sum(0)
     sel.entropy_full = float(est.entropy(d_set[None])[0])
     i_cur = float(est.mi(d_set[None])[0])
@@ -792,4 +805,4 @@ def mipp_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
     for name in out:
         out[name].info["processing_order"] = list(processed)
         out[name].info["total_seconds"] = round(total, 3)
-    return out
+    return {layer.name: out[layer.name] for layer in layers}  # network order

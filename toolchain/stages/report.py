@@ -365,7 +365,8 @@ def _plot_accuracy(manifest: Mapping[str, Any], sweep: list[dict[str, Any]] | No
             ys += [y for _, y in pts + pts_bn]
             if len(rows) <= 16:
                 for r, x, y in zip(mine, xs, ft):
-                    if y is not None and r.get("label"):
+                    # the legend already names a variant that differs only by criterion
+                    if y is not None and r.get("label") and r["label"] != f"criterion={crit}":
                         ax.annotate(str(r["label"]), (x, 100 * y), textcoords="offset points", xytext=(7, -7),
                                     ha="left", va="top", fontsize=8, color=color, zorder=7,
                                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})

@@ -1,0 +1,104 @@
+"""The study script (experiments/vgg16_cifar10.py): matched-FLOPs keep ratios and the variant plan.
+
+No pipeline run here: the FLOPs match is checked on a really pruned vgg11_bn with count_flops_params.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolchain.config import build_config
+from toolchain.models import create_model
+from toolchain.stages import prune as prune_stage
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "vgg16_cifar10.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_vgg16_cifar10", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def vgg11():
+    torch.manual_seed(0)
+    return create_model("vgg11_bn", num_classes=10).eval()
+
+
+def test_matched_keep_ratio_gives_the_requested_flops(study, vgg11):
+    shape = (3, 32, 32)
+    flops = study.FlopsModel(vgg11, shape)
+    dense, _ = prune_stage.count_flops_params(vgg11, shape)
+    assert flops.fraction(1.0) == pytest.approx(1.0)
+    example = torch.zeros(2, *shape)
+    for target in (0.4, 0.237):
+        ratio = study.matched_keep_ratio(flops, target)
+        assert 0 < ratio < 1
+        counts = flops.counts(ratio)
+        kept = {name: list(range(k)) for name, k in counts.items()}
+        pruned, _ = prune_stage.prune_model(vgg11, example, kept)
+        measured = prune_stage.count_flops_params(pruned, shape)[0] / dense
+        assert measured == pytest.approx(target, rel=0.01), (target, ratio, measured)
+        assert flops.fraction(ratio) == pytest.approx(measured, rel=1e-9)  # the model predicts it exactly
+    assert study.matched_keep_ratio(flops, 1.0) == 1.0
+
+
+def test_the_config_keep_ratio_gives_the_counts_the_pipeline_uses(study, vgg11):
+    flops = study.FlopsModel(vgg11, (3, 32, 32), round_to=8)
+    ratio = study.matched_keep_ratio(flops, 0.45)
+    cfg = build_config({}, {"keep_ratio": ratio, "round_to": 8})
+    rankings = {layer.name: prune_stage.LayerRanking(order=[], scores=[]) for layer in flops.layers}
+    counts = prune_stage.resolve_keep_counts(flops.layers, rankings, keep_ratio=cfg.keep_ratio, per_layer={},
+                                             round_to=cfg.round_to)
+    assert counts == flops.counts(ratio) and all(k % 8 == 0 for k in counts.values())
+    assert flops.fraction(ratio) == pytest.approx(0.45, rel=0.03)  # coarser steps with round_to=8
+
+
+def test_full_plan(study):
+    base = build_config({}, {"model": "vgg16_bn", "dataset": "digits"})
+    primaries = study.primary_plan(base, quick=False, distill=[False, True])
+    groups = [v.group for v in primaries]
+    assert groups.count("cmi") == 2 * 18 and groups.count("cmi-budget") == 2 * 2 and groups.count("mipp") == 2 * 2
+    cmi = {(v.cfg.criterion_options["formulation"], v.cfg.criterion_options["order"],
+            v.cfg.criterion_options["cutoff"]) for v in primaries if v.group == "cmi"}
+    assert len(cmi) == 18
+    assert {v.cfg.criterion_options["budget"] for v in primaries if v.group == "cmi-budget"} == {"flops=0.5",
+                                                                                                 "flops=0.4"}
+    assert {v.cfg.criterion_options["mipp_estimator"] for v in primaries if v.group == "mipp"} == {"renyi", "mlp"}
+    assert all(v.cfg.criterion == "mipp" for v in primaries if v.group == "mipp")
+    assert len({v.cfg.resolved_run_name for v in primaries}) == len(primaries)  # one bundle each
+    # every variant shares the baseline recipe: only criterion, options and distill differ
+    ignore = {"criterion", "criterion_options", "distill", "run_name"}
+    assert len({str({k: v for k, v in p.cfg.to_dict().items() if k not in ignore}) for p in primaries}) == 1
+
+    reached = [(v.name, v.group, f) for v, f in zip(primaries[:3], (0.301, 0.303, 0.62))]
+    reached.append(("cmi flops=0.4", "cmi-budget", 0.398))
+    levels = study.flops_levels(reached, study.BUDGETS, tol=0.005)
+    assert [round(lv.fraction, 4) for lv in levels] == [0.62, 0.5, 0.398, 0.302]  # reached, not nominal
+    assert levels[2].sources == ["cmi flops=0.4", "budget flops=0.4"]
+    baselines = study.baseline_plan(base, levels, criteria=study.BASELINES, distill=[False, True],
+                                    ratio_for=lambda f: round(f ** 0.5, 4))
+    assert len(baselines) == 4 * 3 * 2
+    assert {v.cfg.criterion for v in baselines} == {"l1", "random", "bn-scale"}
+    assert {v.cfg.keep_ratio for v in baselines} == {round(lv.fraction ** 0.5, 4) for lv in levels}
+    assert len({v.cfg.resolved_run_name for v in primaries + baselines}) == len(primaries) + len(baselines)
+
+
+def test_quick_plan_is_a_small_subset(study):
+    base = build_config({}, {"model": "vgg16_bn"})
+    primaries = study.primary_plan(base, quick=True, distill=[False])
+    assert [(v.name, v.cfg.distill) for v in primaries] == [("cmi per-layer/forward/scree", False),
+                                                            ("cmi flops=0.4", False)]
+    levels = study.flops_levels([(primaries[0].name, "cmi", 0.55), (primaries[1].name, "cmi-budget", 0.39)], [],
+                                tol=0.005)
+    baselines = study.baseline_plan(base, levels, criteria=study.BASELINES, distill=[False],
+                                    ratio_for=lambda f: round(f ** 0.5, 4), quick=True)
+    assert [(v.cfg.criterion, v.level) for v in baselines] == [("l1", "L1"), ("random", "L1"), ("l1", "L2")]

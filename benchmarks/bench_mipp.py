@@ -118,7 +118,7 @@ def main() -> None:
         acc_bn = bn_accuracy(pruned, data, test, device, args.bn_images, args.seed)
         mlp_on = [n for n, r in rankings.items() if r.info["estimator"] == "mlp"]
         print(f"\n== MIPP estimator={estimator} kernel={kernel} confidence={args.confidence}"
-              + (f" (mlp on {', '.join(reversed(mlp_on))}; renyi elsewhere)" if estimator == "mlp" else ""))
+              + (f" (mlp on {', '.join(mlp_on)}; renyi elsewhere)" if estimator == "mlp" else ""))
         print(f"{'layer':<12} {'est':<5} {'kept':>9} {'seconds':>8}  saturated(layer,next)")
         for layer in layers:
             r = rankings[layer.name]

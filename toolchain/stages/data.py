@@ -136,7 +136,7 @@ def _imagefolder(data_dir: str | None, image_size: int) -> Raw:
         classes = folder.classes
 
         def decode(path: str, loader=folder.loader) -> torch.Tensor:
-            img = torch.from_numpy(np.asarray(loader(path), dtype=np.uint8)).permute(2, 0, 1)
+            img = torch.from_numpy(np.array(loader(path), dtype=np.uint8)).permute(2, 0, 1)
             return _resize_u8(img[None], image_size)[0]
 
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -45,7 +45,11 @@ CRITERION_FLAGS: dict[str, tuple[Any, str]] = {
     "gamma": (float, "cmi/mipp: kernel width factor of the paper's rule"),
     "permutations": (int, "cmi: permutations of the stopping test"),
     "eta": (float, "cmi: significance of the permutation stopping test"),
+    "kernel": (str, "cmi: exact (the paper's kernel widths) or adaptive (median widths, no saturation)"),
     "mipp_estimator": (str, "mipp: renyi or mlp"),
+    "mipp_kernel": (str, "mipp: median (default) or paper kernel widths for the renyi estimator"),
+    "repeats": (int, "mipp: repeats of each mlp estimate"),
+    "mlp_layers": (str, "mipp: comma-separated layers to run the mlp estimator on (others use renyi)"),
     "confidence": (float, "mipp: confidence of the redundancy test"),
 }
 

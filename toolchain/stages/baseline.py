@@ -65,6 +65,7 @@ def train_baseline(data: Dataset, model_name: str, *, epochs: int, lr: float, ba
     train = DeviceLoader(data.train, data, batch_size, device, shuffle=True, augment=True, seed=seed,
                          channels_last=True, rank=dist_utils.rank(), world=dist_utils.world_size())
     test = DeviceLoader(data.test, data, 512, device, channels_last=True)
-    recipe = Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, amp=amp)
+    recipe = Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, amp=amp,
+                    warmup_steps=len(train))  # one epoch of warm-up from scratch
     fit(dist_utils.wrap(model, device), train, test, device, recipe, workdir, desc="baseline")
     return model

@@ -62,6 +62,7 @@ class Recipe:
     distill_alpha: float = 0.5
     distill_temperature: float = 4.0
     amp: str = "auto"
+    warmup_steps: int = 0
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe, steps_per_epoch: int):
@@ -73,7 +74,16 @@ def make_optimizer(model: nn.Module, recipe: Recipe, steps_per_epoch: int):
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     total = max(1, recipe.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    # linear warm-up (a fresh VGG diverges at full lr on its first steps), then cosine to zero
+    warmup = min(recipe.warmup_steps, total // 4) if recipe.warmup_steps else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(step - warmup, total - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
 
 

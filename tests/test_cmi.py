@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import Tiny
 from torch import nn
 
 import toolchain.ranking.cmi as cmi_mod
@@ -237,20 +238,6 @@ def test_rank_layer_validates_input():
 
 
 # ---------------------------------------------------------------- a tiny network
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        )
-        self.classifier = nn.Linear(5 * 2 * 2, 3)
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 def _tiny_context(options=None, n=24, seed=0):

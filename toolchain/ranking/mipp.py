@@ -598,19 +598,26 @@ def _renyi_pass(sel: MIPPSelection, est: _RenyiMI, dx: torch.Tensor, confidence:
             crit = float(torch.sort(null).values[perms - allowed - 1]) if allowed >= 0 else math.inf
             sel.critical[ch] = crit
             evidence = drop - max(crit, DROP_TOL)
-        sel.evidence[ch] = float(evidence)
-        if evidence > 0:
+        if not _try_remove(sel, kept, ch, evidence):
             continue
-        if int(kept.sum()) == 1:
-            sel.forced = ch
-            continue
-        kept[ch] = False
-        sel.removed_order.append(ch)
         removals += 1
         d_set = d_rest if removals % _RESUM_EVERY else dx[kept].double().sum(0)
         i_cur = i_rest if removals % _RESUM_EVERY else float(est.mi(d_set[None])[0])
     sel.kept = torch.nonzero(kept).flatten().tolist()
     sel.mi_kept = i_cur
+
+
+def _try_remove(sel: MIPPSelection, kept: torch.Tensor, ch: int, evidence: float) -> bool:
+    """The selection rule: record the evidence; remove the channel unless it is significant or the last one."""
+    sel.evidence[ch] = float(evidence)
+    if evidence > 0:
+        return False
+    if int(kept.sum()) == 1:
+        sel.forced = ch
+        return False
+    kept[ch] = False
+    sel.removed_order.append(ch)
+    return True
 
 
 def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.device, confidence: float,
@@ -647,16 +654,10 @@ def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.d
             r = rises[j]
             mean, sd = float(r.mean()), float(r.std(unbiased=True))
             evidence = mean - tcrit * sd / math.sqrt(repeats) - tol  # lower confidence bound - tolerance
-            sel.evidence[ch] = evidence
             sel.drops[ch] = mean
-            if evidence > 0:
+            if not _try_remove(sel, kept, ch, evidence):
                 continue
-            if int(kept.sum()) == 1:
-                sel.forced = ch
-                continue
-            kept[ch] = False
             mlp.remove(ch)
-            sel.removed_order.append(ch)
             base = mlp.take(params, torch.arange(j * repeats, (j + 1) * repeats, device=dev))
             need_control = True
             removed_at = j

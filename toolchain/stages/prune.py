@@ -65,7 +65,8 @@ def _build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
 
 
-def find_prunable_layers(model: nn.Module, example: torch.Tensor) -> list[PrunableLayer]:
+def find_prunable_layers(model: nn.Module, example: torch.Tensor,
+                         graph: tp.DependencyGraph | None = None) -> list[PrunableLayer]:
     """Prunable convs in network order, with their BN, consumers and dense FLOPs."""
     names = {m: n for n, m in model.named_modules()}
     shapes: dict[str, tuple[int, int]] = {}
@@ -83,7 +84,7 @@ def find_prunable_layers(model: nn.Module, example: torch.Tensor) -> list[Prunab
     finally:
         for h in handles:
             h.remove()
-    graph = _build_graph(model, example)
+    graph = graph or _build_graph(model, example)
     modules = dict(model.named_modules())
     layers = []
     for name in order:  # execution order
@@ -177,12 +178,12 @@ def prune_model(model: nn.Module, example: torch.Tensor, kept: dict[str, list[in
     ``pruned(x) == mask_model(model, kept)(x)`` for every x.
     """
     model = copy.deepcopy(model).eval()
-    layers = {layer.name: layer for layer in find_prunable_layers(model, example)}
+    graph = _build_graph(model, example)  # one trace serves finding the layers and pruning them
+    layers = {layer.name: layer for layer in find_prunable_layers(model, example, graph)}
     missing = sorted(set(kept) - set(layers))
     if missing:
         raise ValueError(f"not prunable layers: {missing}")
     removed = {n: sorted(set(range(layers[n].channels)) - set(k)) for n, k in kept.items()}
-    graph = _build_graph(model, example)
     names = {m: n for n, m in model.named_modules()}
     # consumer -> input indices (in its own input numbering) that disappear
     consumer_inputs: dict[str, list[int]] = {}

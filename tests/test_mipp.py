@@ -89,6 +89,29 @@ def test_mlp_removes_a_copy_of_a_kept_channel(seed):
     assert sel.mlp["candidate_runs"] >= 8 and sel.mlp["pool"] == 2
 
 
+def _copy_case(seed, n=256, hw=2):
+    """Channels [a, b, c, copy of a, zeros, 0.5] of random 2x2 maps; x_next (4 channels) a fixed
+    random nonlinear function of a, b and c only."""
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = (torch.randn(n, 1, hw, hw, generator=g) for _ in range(3))
+    ones = torch.ones(n, 1, hw, hw)
+    x = torch.cat([a, b, c, a.clone(), 0 * ones, 0.5 * ones], 1)
+    z = torch.cat([a, b, c], 1).reshape(n, -1) @ torch.randn(3 * hw * hw, 4 * hw * hw, generator=g)
+    z = z / math.sqrt(3 * hw * hw)
+    x_next = (torch.tanh(z) + 0.5 * torch.relu(z)).reshape(n, 4, hw, hw)
+    return x, x_next
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mlp_keeps_exactly_one_copy_of_an_informative_channel(seed):
+    x, x_next = _copy_case(seed)
+    sel = select_layer(x, x_next, estimator="mlp", seed=seed)
+    kept = set(sel.kept)
+    assert len(kept & {0, 3}) == 1, sel.kept  # one copy of a, not none and not both
+    assert {1, 2} <= kept and not kept & {4, 5}, sel.kept
+    assert {ch for ch, e in enumerate(sel.evidence) if e > 0} == kept and sel.forced is None
+
+
 def test_constants_removed_even_when_nothing_is_informative():
     g = torch.Generator().manual_seed(3)
     x = torch.cat([torch.full((40, 2, 3, 3), 1.5), torch.randn(40, 3, 3, 3, generator=g)], 1)

@@ -47,8 +47,10 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
     for rel, digest in manifest["files"].items():
         assert sha256_file(bundle / rel) == digest
     m = manifest["metrics"]
-    for key in ("acc_dense", "acc_pruned", "acc_pruned_bn_recalibrated", "acc_finetuned", "acc_onnxruntime"):
+    for key in ("acc_dense", "acc_pruned", "acc_pruned_bn_recalibrated", "acc_oneshot", "acc_finetuned",
+                "acc_onnxruntime"):
         assert 0.0 <= m[key] <= 1.0
+    assert m["compensation_seconds"] > 0  # compensation is on by default
     assert 0.2 < m["flops_ratio"] < 0.35  # half the channels of every layer: about a quarter of the FLOPs
     assert m["params_pruned"] < m["params_dense"]
     assert set(m["latency"]) == {"dense/fp32", "pruned/fp32", "pruned/int8"}
@@ -58,7 +60,7 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
     for name in ("model.int8.onnx", "calibration.cache", "kit/build_engine.sh", "kit/bench_on_device.py",
                  "report.html"):
         assert name in manifest["files"], name
-    assert manifest["config"]["criterion"] == "l1" and manifest["config"]["distill"] is True
+    assert manifest["config"]["criterion"] == "recon" and manifest["config"]["distill"] is True
     assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
     arch = json.loads((bundle / "architecture.json").read_text())
     assert all(k == c // 2 for k, c in zip(arch["kept_counts"].values(), arch["channels"].values()))
@@ -173,6 +175,11 @@ def test_unknown_yaml_option(tmp_path, capsys):
     (["--criterion", "magic"], "valid: "),
     (["--keep", "features.99=0.5"], "unknown layer"),
     (["--finetune-epochs", "-1"], "finetune_epochs"),
+    (["--budget", "garbage"], "budget must look like"),
+    (["--budget", "flops=0.5", "--keep", "features.0=0.5"], "exclusive"),
+    (["--fold", "sometimes"], "fold must be"),
+    (["--compensation", "magic"], "compensation must be"),
+    (["--compensation-samples", "0"], "compensation_samples"),
 ])
 def test_invalid_flag_values(tmp_path, capsys, args, needle):
     _assert_refused(tmp_path, capsys, [*TINY, *args], needle)

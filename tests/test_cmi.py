@@ -78,8 +78,9 @@ def _ref_rank(features, labels, num_classes, alpha, gamma=5.0, condition=()):
     return sel + rest, cmis
 
 
-def _ref_rank_adaptive(features, labels, alpha, condition=()):
-    """Adaptive kernels the slow way: median-normalised distances, mean over the set, indicator labels."""
+def _ref_rank_adaptive(features, labels, alpha, condition=(), target=None):
+    """Adaptive kernels the slow way: median-normalised distances, mean over the set, indicator labels
+    (or, with ``target``, a Gaussian kernel of the whole target with the median width)."""
     features = np.asarray(features, dtype=np.float64)
     n, c = features.shape[:2]
 
@@ -93,6 +94,8 @@ def _ref_rank_adaptive(features, labels, alpha, condition=()):
     dts = [ndist(features[:, j]) for j in range(c)]
     p = [ndist(np.asarray(m, dtype=np.float64)[:, j]) for m in condition for j in range(m.shape[1])]
     ky = (np.asarray(labels)[:, None] == np.asarray(labels)[None, :]).astype(np.float64)
+    if target is not None:
+        ky = np.exp(-ndist(np.asarray(target, dtype=np.float64)))
     kern = lambda ds: np.exp(-sum(ds) / len(ds)) if ds else np.ones((n, n))  # noqa: E731
     ent = lambda k: _ref_entropy(k, alpha)  # noqa: E731
     single = [ent(ky) + ent(kern([dt])) - ent(kern([dt]) * ky) for dt in dts]
@@ -153,6 +156,23 @@ def test_rank_layer_adaptive_matches_slow_reference(alpha, conditioned):
     assert res.kernel == "adaptive" and len(res.sigma) == f.shape[1] and res.sigma_labels == 0.0
     assert res.entropy_labels == pytest.approx(math.log(3))  # indicator kernel, balanced classes
     json.dumps(res.to_info())
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.01])
+def test_rank_layer_with_a_response_target_matches_slow_reference(alpha):
+    f, y = _layer_data(seed=6)
+    g = torch.Generator().manual_seed(2)
+    # the "next layer": a fixed mixing of some channels, so the target is not the labels
+    target = torch.relu(torch.einsum("nchw,oc->nohw", f, torch.randn(4, f.shape[1], generator=g,
+                                                                      dtype=torch.float64)))
+    res = rank_layer(f, y, num_classes=3, alpha=alpha, kernel="adaptive", target=target)
+    ref_order, ref_cmi = _ref_rank_adaptive(f.numpy(), y.numpy(), alpha, target=target.numpy())
+    assert res.order == ref_order
+    np.testing.assert_allclose(res.cmi, ref_cmi, rtol=0, atol=1e-6)
+    labels_order = rank_layer(f, y, num_classes=3, alpha=alpha, kernel="adaptive").order
+    assert labels_order != res.order  # the target changes the decisions
+    with pytest.raises(UserError, match="adaptive"):
+        rank_layer(f, y, num_classes=3, alpha=alpha, target=target)
 
 
 def test_adaptive_kernel_does_not_saturate_where_exact_does():
@@ -373,7 +393,7 @@ def test_criterion_budget_and_permutation():
     {"formulation": "layerwise"}, {"order": "backward"}, {"cutoff": "elbow"}, {"alpha": 0}, {"alpha": "x"},
     {"gamma": -1}, {"permutations": 0}, {"permutations": 2.5}, {"eta": 1.5}, {"budget": "flops=1.5"},
     {"budget": "latency=3"}, {"cutoff": "ratio", "keep_ratio": 0}, {"typo": 1},
-    {"kernel": "median"},
+    {"kernel": "median"}, {"target": "logits"},
 ])
 def test_bad_options_raise_user_error(options):
     with pytest.raises(UserError) as err:
@@ -403,3 +423,11 @@ def test_criterion_adaptive_kernel():
     for layer in ctx.layers:
         info = out[layer.name].info
         assert info["kernel"] == "adaptive" and len(info["widths"]["channels"]) == layer.channels
+
+
+def test_criterion_next_layer_target_differs_from_labels():
+    out_next = CRITERIA.get("cmi")(_tiny_context({"kernel": "adaptive", "target": "next", "cutoff": "knee"}))
+    ctx = _tiny_context({"kernel": "adaptive", "cutoff": "knee"})
+    out_labels = CRITERIA.get("cmi")(ctx)
+    _check(out_next, ctx)
+    assert any(out_next[layer.name].order != out_labels[layer.name].order for layer in ctx.layers)

@@ -46,7 +46,7 @@ def test_pruned_equals_masked(name, expected_layers):
     layers = find_prunable_layers(model, example)
     assert len(layers) == expected_layers
     kept = _random_kept(layers, 0.5, seed=1)
-    pruned, record = prune_model(model, example, kept)
+    pruned, record = prune_model(model, example, kept, fold=True)
     masked = mask_model(model, kept)
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_linear_consumer_fold_is_exact_without_border():
     last = layers[-1]
     assert last.consumers == ["classifier"]
     kept = {last.name: list(range(0, last.channels, 3))}
-    pruned, record = prune_model(model, example, kept)
+    pruned, record = prune_model(model, example, kept, fold=True)
     assert "classifier" not in record.border_bias
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_rebuild_from_record_round_trips():
     model = _randomize_bn(create_model("resnet18", num_classes=10))
     example = torch.randn(2, 3, 32, 32)
     kept = _random_kept(find_prunable_layers(model, example), 0.4, seed=3)
-    pruned, record = prune_model(model, example, kept)
+    pruned, record = prune_model(model, example, kept, fold=True)
     record = PruneRecord.from_json(record.to_json())
     rebuilt = build_pruned(create_model("resnet18", num_classes=10), example, record)
     rebuilt.load_state_dict(pruned.state_dict())  # strict: same keys and shapes
@@ -101,7 +101,7 @@ def test_flops_and_params_drop():
     assert params == sum(p.numel() for p in model.parameters())
     layers = find_prunable_layers(model, example)
     kept = {layer.name: list(range(layer.channels // 2)) for layer in layers}
-    pruned, _ = prune_model(model, example, kept)
+    pruned, _ = prune_model(model, example, kept, fold=True)
     pf, pp = count_flops_params(pruned, (3, 32, 32))
     assert 0.2 < pf / flops < 0.3 and pp < params / 3
 

@@ -40,13 +40,18 @@ class Config:
     baseline_epochs: int = 30
     baseline_lr: float = 0.05
     # ranking and pruning
-    criterion: str = "l1"
+    criterion: str = "recon"  # measured best one-shot with compensation (benchmarks/bench_quality.py)
     criterion_options: dict[str, Any] = field(default_factory=dict)
-    rank_samples: int = 256  # class-balanced training images shown to data-driven criteria
+    rank_samples: int | None = None  # class-balanced training images for data-driven criteria (None: the
+    # criterion's own default: 256, the CMI papers' N; 1024 for recon, whose moments need more rows)
     keep_ratio: float = 0.5  # uniform fraction of channels kept per layer
     keep: dict[str, float] = field(default_factory=dict)  # per-layer: ratio (<=1) or count (>1)
     round_to: int = 1  # round kept counts to a multiple (8 suits tensor cores)
+    budget: str | None = None  # "flops=0.4" / "params=0.2": keep counts allocated from measured sensitivity
     bn_recalibration: int = 2000  # training images to re-estimate BN statistics after pruning
+    fold: str = "none"  # none: plain removal | masked: fold removed channels' constants (pruned == masked)
+    compensation: str = "lstsq"  # none | lstsq: refit each consumer towards the dense network's outputs
+    compensation_samples: int = 1024  # class-balanced training images for the refit (4x 256: +1 pt at 40%)
     # fine-tuning
     finetune_epochs: int = 10
     lr: float = 0.01
@@ -164,9 +169,10 @@ def validate(cfg: Config) -> None:
     for name, value in cfg.keep.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise UserError(f"keep[{name!r}] must be a ratio in (0, 1] or a channel count >= 1")
-    positive = ("batch_size", "rank_samples", "round_to", "bench_runs", "image_size", "calibration_samples")
+    positive = ("batch_size", "rank_samples", "round_to", "bench_runs", "image_size", "calibration_samples",
+                "compensation_samples")
     for name in positive:
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("baseline_epochs", "finetune_epochs", "bn_recalibration"):
         if getattr(cfg, name) < 0:
@@ -188,6 +194,16 @@ def validate(cfg: Config) -> None:
         raise UserError(f"precision must be fp32, fp16 or int8, got {cfg.precision!r}")
     if cfg.calibration_method not in ("minmax", "entropy", "percentile"):
         raise UserError(f"calibration_method must be minmax, entropy or percentile, got {cfg.calibration_method!r}")
+    if cfg.budget is not None:
+        from toolchain.ranking.cutoffs import parse_budget
+
+        parse_budget(cfg.budget)
+        if cfg.keep:
+            raise UserError("keep (per-layer counts) and budget are exclusive: the budget chooses every layer's count")
+    if cfg.fold not in ("none", "masked"):
+        raise UserError(f"fold must be none or masked, got {cfg.fold!r}")
+    if cfg.compensation not in ("none", "lstsq"):
+        raise UserError(f"compensation must be none or lstsq, got {cfg.compensation!r}")
     if cfg.amp not in ("auto", "bf16", "off"):
         raise UserError(f"amp must be auto, bf16 or off, got {cfg.amp!r}")
     if cfg.normalization not in ("auto", "cifar10", "imagenet"):

@@ -11,6 +11,7 @@ and renamed into place, so a reader never sees half a bundle.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -23,10 +24,14 @@ from typing import Any
 import torch
 
 from toolchain import kit
+from toolchain.allocation import allocate_for_budget
+from toolchain.compensation import compensate
 from toolchain.config import Config
 from toolchain.errors import UserError
 from toolchain.models import MODELS, create_model
 from toolchain.ranking import CRITERIA, LayerRanking, load_criteria
+from toolchain.ranking.base import default_samples
+from toolchain.ranking.cutoffs import parse_budget
 from toolchain.stages import baseline as baseline_stage
 from toolchain.stages import bench as bench_stage
 from toolchain.stages import bundle as bundle_stage
@@ -36,7 +41,7 @@ from toolchain.stages import finetune as finetune_stage
 from toolchain.stages import prune as prune_stage
 from toolchain.stages import quantize as quantize_stage
 from toolchain.stages import rank as rank_stage
-from toolchain.stages.data import DeviceLoader, count_classes, load_dataset
+from toolchain.stages.data import DeviceLoader, balanced_indices, count_classes, load_dataset
 from toolchain.targets import TargetProfile, load_target
 from toolchain.train import distributed as dist_utils
 from toolchain.train.engine import Recipe, evaluate, recalibrate_batchnorm
@@ -183,9 +188,10 @@ def run_pipeline(cfg: Config) -> Path:
 
     # rank ------------------------------------------------------------------------------------
     rank_key = {"baseline": base_digest, "criterion": cfg.criterion, "options": cfg.criterion_options,
-                "samples": cfg.rank_samples, "at_init": at_init,
-                # a criterion's own "ratio" cutoff reads the run's keep ratio
-                "keep_ratio": cfg.keep_ratio if cfg.criterion_options.get("cutoff") == "ratio" else None}
+                "samples": cfg.rank_samples or default_samples(cfg.criterion), "at_init": at_init,
+                # a criterion that can cut at the run's keep ratio (cmi's "ratio" cutoff) reads it
+                "keep_ratio": cfg.keep_ratio if getattr(CRITERIA.get(cfg.criterion), "reads_keep_ratio", False)
+                else None}
 
     def do_rank(folder: Path) -> dict[str, Any]:
         model = source.to(device)
@@ -201,27 +207,57 @@ def run_pipeline(cfg: Config) -> Path:
     rankings = {k: LayerRanking(**v) for k, v in json.loads((rank_dir / "rankings.json").read_text()).items()}
 
     # prune -----------------------------------------------------------------------------------
+    compensating = cfg.compensation != "none" and not at_init  # at init there is no trained network to match
     prune_key = {"rank": rank_digest, "keep_ratio": cfg.keep_ratio, "keep": cfg.keep, "round_to": cfg.round_to,
-                 "bn": cfg.bn_recalibration}
+                 "bn": cfg.bn_recalibration, "fold": cfg.fold, "budget": cfg.budget,
+                 "compensation": cfg.compensation if compensating else "none",
+                 "compensation_samples": cfg.compensation_samples if compensating else None}
 
     def do_prune(folder: Path) -> dict[str, Any]:
-        counts = prune_stage.resolve_keep_counts(layers, rankings, keep_ratio=cfg.keep_ratio, per_layer=cfg.keep,
-                                                 round_to=cfg.round_to)
+        result: dict[str, Any] = {}
+        fit_idx = balanced_indices(data.train.labels, cfg.compensation_samples, cfg.seed + 2)
+        fit_images = data.normalize(data.train.images[fit_idx].to(device))
+        if cfg.budget:
+            probe_idx = balanced_indices(data.train.labels, 256, cfg.seed + 3)
+            counts, result["allocation"] = allocate_for_budget(
+                source.to(device), layers, rankings, example.to(device), data.normalize(data.train.images[probe_idx]
+                                                                                        .to(device)),
+                fit_images[:128], parse_budget(cfg.budget), compensation=compensating, round_to=cfg.round_to,
+                seed=cfg.seed)
+            source.cpu()
+        else:
+            counts = prune_stage.resolve_keep_counts(layers, rankings, keep_ratio=cfg.keep_ratio,
+                                                     per_layer=cfg.keep, round_to=cfg.round_to)
         kept = prune_stage.kept_indices(rankings, counts)
-        pruned, record = prune_stage.prune_model(source, example, kept)
+        pruned, record = prune_stage.prune_model(source, example, kept, fold=cfg.fold == "masked")
         flops_d, params_d = prune_stage.count_flops_params(dense, data.input_shape)
         flops_p, params_p = prune_stage.count_flops_params(pruned, data.input_shape)
         acc_raw = evaluate(pruned.to(device), test_loader, device, desc="eval pruned")
-        probe = DeviceLoader(data.train, data, 256, device, shuffle=True, seed=cfg.seed + 1)
-        recalibrated = recalibrate_batchnorm(pruned, probe, device, cfg.bn_recalibration)
-        acc_bn = evaluate(pruned, test_loader, device, desc="eval pruned+bn")
-        atomic_torch_save(prune_stage.mask_model(source, kept).state_dict(), folder / "masked.pt")
+
+        def recalibrate(model: torch.nn.Module) -> int:
+            probe = DeviceLoader(data.train, data, 256, device, shuffle=True, seed=cfg.seed + 1)
+            return recalibrate_batchnorm(model, probe, device, cfg.bn_recalibration)
+
+        uncompensated = copy.deepcopy(pruned) if compensating else pruned
+        recalibrated = recalibrate(uncompensated)
+        acc_bn = evaluate(uncompensated, test_loader, device, desc="eval pruned+bn")
+        if compensating:
+            report = compensate(pruned, source.to(device), fit_images, prune_stage.consumer_outputs(layers, kept),
+                                seed=cfg.seed)
+            source.cpu()
+            record.bias_added = sorted(set(record.bias_added) | set(report.bias_added))
+            recalibrate(pruned)
+            acc_oneshot = evaluate(pruned, test_loader, device, desc="eval compensated")
+            result["compensation"] = report.to_json()
+        else:
+            acc_oneshot = acc_bn
+        atomic_torch_save(pruned.cpu().state_dict(), folder / "pruned.pt")
         atomic_write_json(folder / "architecture.json", {"model": cfg.model, "num_classes": data.num_classes,
                                                          "input_shape": list(data.input_shape),
                                                          **record.to_json()})
-        return {"flops_dense": flops_d, "flops_pruned": flops_p, "params_dense": params_d,
+        return {**result, "flops_dense": flops_d, "flops_pruned": flops_p, "params_dense": params_d,
                 "params_pruned": params_p, "acc_pruned": acc_raw, "acc_pruned_bn_recalibrated": acc_bn,
-                "bn_images": recalibrated, "kept_counts": counts,
+                "acc_oneshot": acc_oneshot, "bn_images": recalibrated, "kept_counts": counts,
                 "channels_removed": sum(layer.channels - counts[layer.name] for layer in layers),
                 "channels_dense": sum(layer.channels for layer in layers)}
 
@@ -229,9 +265,9 @@ def run_pipeline(cfg: Config) -> Path:
     record = prune_stage.PruneRecord.from_json(json.loads((prune_dir / "architecture.json").read_text()))
 
     def load_pruned_unfinetuned() -> torch.nn.Module:
-        masked = create_model(cfg.model, num_classes=data.num_classes)
-        masked.load_state_dict(torch.load(prune_dir / "masked.pt", map_location="cpu", weights_only=True))
-        return prune_stage.prune_model(masked.eval(), example, record.kept)[0]
+        model = prune_stage.build_pruned(create_model(cfg.model, num_classes=data.num_classes), example, record)
+        model.load_state_dict(torch.load(prune_dir / "pruned.pt", map_location="cpu", weights_only=True))
+        return model.eval()
 
     # finetune --------------------------------------------------------------------------------
     ft_key = {"prune": prune_digest, "epochs": cfg.finetune_epochs, "lr": cfg.lr, "at_init": at_init,
@@ -335,6 +371,9 @@ def run_pipeline(cfg: Config) -> Path:
         "acc_dense": base["test_acc"],
         "acc_pruned": prune_metrics["acc_pruned"],
         "acc_pruned_bn_recalibrated": prune_metrics["acc_pruned_bn_recalibrated"],
+        "acc_oneshot": prune_metrics["acc_oneshot"],
+        **({"compensation_seconds": prune_metrics["compensation"]["seconds"]}
+           if "compensation" in prune_metrics else {}),
         "acc_finetuned": ft["test_acc"],
         "acc_onnxruntime": exported["pruned"]["onnxruntime_test_acc"],
         "acc_int8": quantized["acc_int8"],

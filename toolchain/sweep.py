@@ -66,7 +66,8 @@ def sweep_row(label: str, bundle: Path) -> dict[str, Any]:
     return {"label": label, "criterion": cfg["criterion"], "criterion_options": cfg["criterion_options"],
             "keep_ratio": cfg["keep_ratio"], "flops_ratio": m["flops_ratio"], "params_ratio": m["params_ratio"],
             "channels_removed": m["channels_removed"], "acc_dense": m["acc_dense"], "acc_pruned": m["acc_pruned"],
-            "acc_pruned_bn_recalibrated": m["acc_pruned_bn_recalibrated"], "acc_finetuned": m["acc_finetuned"],
+            "acc_pruned_bn_recalibrated": m["acc_pruned_bn_recalibrated"], "acc_oneshot": m.get("acc_oneshot"),
+            "acc_finetuned": m["acc_finetuned"],
             "acc_int8": m.get("acc_int8"), "latency_p50_ms": p50.get("pruned/fp32"),
             "dense_latency_p50_ms": p50.get("dense/fp32"), "bundle": bundle.name}
 

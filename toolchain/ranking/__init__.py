@@ -9,7 +9,7 @@ def load_criteria() -> None:
     """Import every criterion module so the registry is complete (optional ones may be absent)."""
     import importlib
 
-    for module in ("basic", "cmi", "mipp"):
+    for module in ("basic", "cmi", "mipp", "reconstruction"):
         try:
             importlib.import_module(f"toolchain.ranking.{module}")
         except ModuleNotFoundError as e:

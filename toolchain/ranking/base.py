@@ -55,3 +55,9 @@ class LayerRanking:
 
 Criterion = Callable[[RankContext], dict[str, LayerRanking]]
 CRITERIA: Registry[Criterion] = Registry("criterion")
+DEFAULT_SAMPLES = 256  # the CMI papers' N; a criterion may set ``fn.default_samples``
+
+
+def default_samples(name: str) -> int:
+    """Class-balanced images the criterion ``name`` sees when the run does not say."""
+    return int(getattr(CRITERIA.get(name), "default_samples", DEFAULT_SAMPLES))

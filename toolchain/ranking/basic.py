@@ -40,3 +40,43 @@ def bn_scale_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
             scores = modules[layer.bn_name].weight.detach().abs()
         out[layer.name] = _ranking_from_scores(scores.cpu())
     return out
+
+
+@CRITERIA.register("taylor")
+def taylor_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
+    """First-order Taylor estimate of the loss change when a channel goes (Molchanov et al., 2019).
+
+    Per channel, over mini-batches of the class-balanced samples, ``(gamma g_gamma + beta g_beta)^2``
+    on the BatchNorm after the conv (on the filter, ``(sum w g_w)^2``, without one), averaged.
+    """
+    import torch.nn.functional as F
+
+    model = ctx.model
+    modules = dict(model.named_modules())
+    params = {}
+    for layer in ctx.layers:
+        bn = modules[layer.bn_name] if layer.bn_name is not None else None
+        params[layer.name] = (bn.weight, bn.bias) if bn is not None and bn.affine else (layer.conv.weight,)
+    sums = {name: torch.zeros(layer.channels, dtype=torch.float64) for name, layer in
+            ((lay.name, lay) for lay in ctx.layers)}
+    was = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    batches = 0
+    try:
+        with torch.enable_grad():
+            for a in range(0, len(ctx.images), 32):
+                model.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(ctx.images[a:a + 32]), ctx.labels[a:a + 32])
+                loss.backward()
+                for name, ps in params.items():
+                    contrib = sum((p.detach() * p.grad.detach()).flatten(1).sum(1) if p.ndim > 1
+                                  else p.detach() * p.grad.detach() for p in ps)
+                    sums[name] += contrib.double().cpu() ** 2
+                batches += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, w in zip(model.parameters(), was):
+            p.requires_grad_(w)
+    return {name: _ranking_from_scores(s / max(batches, 1)) for name, s in sums.items()}

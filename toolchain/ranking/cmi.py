@@ -283,15 +283,19 @@ class _Adaptive:
     with the labels, then by index.
     """
 
-    def __init__(self, x, cond, y, num_classes, alpha, gamma, dev):
+    def __init__(self, x, cond, y, num_classes, alpha, gamma, dev, target=None):
         n, c, _ = x.shape
         self.x, self.n, self.c, self.alpha, self.dev = x, n, c, alpha, dev
         self.ent = lambda a: renyi_entropy(a, alpha)
         f64 = torch.float64
         self.fast = alpha == 2.0
         self.iu = iu = torch.triu_indices(n, n, offset=1, device=dev)
-        self.k_y = (y[:, None] == y[None, :]).to(f64)
-        self.same = _packed(self.k_y, iu).contiguous()
+        if target is None:  # the labels: the class-indicator kernel
+            self.k_y = (y[:, None] == y[None, :]).to(f64)
+        else:  # a response (e.g. the next layer's): Gaussian on all of it, median width
+            dist = squared_distances(target.reshape(n, -1).to(dev).unsqueeze(0))[0]
+            self.k_y = torch.exp(-dist / self._normalise(dist.unsqueeze(0))[1].clamp_min(1e-300)[0])
+        self.same = _packed(self.k_y, iu).square().contiguous()  # squared target kernel over pairs
         self.t_p = torch.zeros(n, n, dtype=f64, device=dev)
         self.n_p = 0
         self.sigma_cond = []
@@ -325,7 +329,7 @@ class _Adaptive:
         self.count = self.n_p
         if self.fast:
             self.tz = _packed(self.t_p, iu).contiguous()
-            self.reduce = torch.stack([torch.ones_like(self.same), self.same], 1)  # all pairs, same-class pairs
+            self.reduce = torch.stack([torch.ones_like(self.same), self.same], 1)  # all pairs, weighted by K_Y^2
         else:
             self.tz = self.t_p.clone()
         # tie-break: I(Y; channel j) alone, the same estimator
@@ -391,7 +395,7 @@ class _Adaptive:
 
 @torch.no_grad()
 def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condition=(), stop=None,
-               permutations=100, eta=0.05, seed=0, device=None, kernel="exact") -> CMIRanking:
+               permutations=100, eta=0.05, seed=0, device=None, kernel="exact", target=None) -> CMIRanking:
     """Rank the C channels of one layer by greedy CMI selection (ALGORITHMS.md section 2).
 
     ``features``: (N, C, H, W) post-BN-ReLU maps (tensor or array); ``labels``: (N,) ints in
@@ -404,7 +408,9 @@ def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condi
     ``stop="permutation"`` every step is tested with ``permutations`` row permutations of the
     added channel until the first step with ``p >= eta``; ``selected`` is then the number of
     channels before it, and the greedy order is completed without further tests. Runs on
-    ``device`` (default: the features' device); float64 throughout.
+    ``device`` (default: the features' device); float64 throughout. ``target`` (adaptive
+    kernel only): maps (N, ...) to preserve instead of the labels, e.g. the next layer's
+    response (a Gaussian kernel with the median width on the whole response).
     """
     t0 = time.perf_counter()
     x = _as_maps(features, "features")
@@ -432,7 +438,13 @@ def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condi
         raise UserError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
     cond = [_as_maps(m, f"condition[{i}]", n) for i, m in enumerate(condition)]
 
-    st = (_Exact if kernel == "exact" else _Adaptive)(x, cond, y, num_classes, alpha, gamma, dev)
+    if target is not None and kernel != "adaptive":
+        raise UserError("a target other than the labels needs kernel='adaptive'")
+    if kernel == "exact":
+        st = _Exact(x, cond, y, num_classes, alpha, gamma, dev)
+    else:
+        st = _Adaptive(x, cond, y, num_classes, alpha, gamma, dev,
+                       target=None if target is None else _as_maps(target, "target", n))
     gen = torch.Generator().manual_seed(int(seed))
     rows = list(range(c))  # rows[r] = channel held in row r of the store; rows[:left] are candidates
     left = c
@@ -520,8 +532,9 @@ def _permutation_p(x_s: torch.Tensor, make_z, make_f, k_y: torch.Tensor, s_y: fl
 FORMULATIONS = ("per-layer", "compact", "full")
 ORDERS = ("forward", "bidirectional")
 CUTOFFS = ("scree", "xmeans", "permutation", "knee", "ratio")
+TARGETS = ("labels", "next")
 _KEYS = ("formulation", "order", "cutoff", "budget", "alpha", "gamma", "permutations", "eta", "samples",
-         "keep_ratio", "kernel")
+         "keep_ratio", "kernel", "target")
 
 
 @dataclass(frozen=True)
@@ -536,6 +549,7 @@ class CMIOptions:
     eta: float = 0.05
     keep_ratio: float | None = None
     kernel: str = "exact"
+    target: str = "labels"
 
 
 def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
@@ -567,6 +581,7 @@ def parse_options(options: Mapping[str, Any] | None) -> CMIOptions:
         eta=_check_number("cmi option eta", get("eta"), 0.0, 1.0),
         keep_ratio=keep_ratio,
         kernel=_choice("kernel", get("kernel"), KERNELS),
+        target=_choice("target", get("target"), TARGETS),
     )
 
 
@@ -589,10 +604,25 @@ class _Engine:
     def rank(self, i: int, condition: Sequence[torch.Tensor], upcoming: Sequence[int]) -> CMIRanking:
         feats = self.capture.get(i, upcoming)
         o = self.opts
+        target = self.response(i) if o.target == "next" else None
         res = rank_layer(feats, self.ctx.labels, num_classes=self.ctx.num_classes, alpha=o.alpha, gamma=o.gamma,
                          condition=condition, stop=self.stop, permutations=o.permutations, eta=o.eta,
-                         seed=self.ctx.seed + i, device=self.ctx.device, kernel=o.kernel)
+                         seed=self.ctx.seed + i, device=self.ctx.device, kernel=o.kernel, target=target)
         return res
+
+    @torch.no_grad()
+    def response(self, i: int) -> torch.Tensor:
+        """The dense output of layer i's first consumer (the next conv's pre-activation, or logits)."""
+        modules = dict(self.ctx.model.named_modules())
+        consumer = modules[self.ctx.layers[i].consumers[0]]
+        got: list[torch.Tensor] = []
+        h = consumer.register_forward_hook(lambda _m, _a, out: got.append(out.detach().float()))
+        try:
+            for a in range(0, len(self.ctx.images), 64):
+                self.ctx.model(self.ctx.images[a:a + 64])
+        finally:
+            h.remove()
+        return torch.cat(got).reshape(len(self.ctx.images), -1)
 
     def kept_maps(self, i: int, order: list[int], keep: int, upcoming: Sequence[int]) -> torch.Tensor:
         feats = self.capture.get(i, upcoming)
@@ -732,3 +762,6 @@ def cmi_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
     samples (applied by the caller; ignored here).
     """
     return _Engine(ctx, parse_options(ctx.options)).run()
+
+
+cmi_criterion.reads_keep_ratio = True  # type: ignore[attr-defined]  (cutoff "ratio": part of the rank key)

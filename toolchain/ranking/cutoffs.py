@@ -310,14 +310,16 @@ def layer_costs(layers, kind: str) -> tuple[list[float], list[float], list[int |
 
 def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], coupled: Sequence[float],
                     out_only: Sequence[float], producer: Sequence[int | None], fraction: float,
-                    min_keep: int = 1) -> list[int]:
+                    min_keep: int = 1, step: int = 1) -> list[int]:
     """Keep counts for all layers together so the total cost is at most ``fraction`` of dense.
 
     Greedy: start from every channel kept; repeatedly drop the last kept channel (in greedy
     order) of the layer whose removal raises its CMI least per unit of cost saved,
     ``(c_{k-1} - c_k) / saving`` (the saving includes the layers it feeds, whose inputs
     shrink), ties to the larger saving, then to the lower layer index, until the budget is
-    met. ``curves[i]`` follows the module's convention (length ``C_i + 1``).
+    met. ``curves[i]`` follows the module's convention (length ``C_i + 1``). With ``step`` > 1
+    channels go ``step`` at a time and counts stay multiples of ``step`` (a layer with fewer
+    channels than ``step`` is left whole); ``min_keep`` is the floor per layer.
     """
     n = len(channels)
     if not (len(curves) == len(coupled) == len(out_only) == len(producer) == n):
@@ -334,6 +336,12 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
             consumers[p].append(i)
     keep = [int(c) for c in channels]
 
+    def drop(i: int) -> int:  # channels the next move of layer i removes (0: it cannot move)
+        if step == 1:
+            return 1 if keep[i] > min_keep else 0
+        target = (keep[i] - 1) // step * step
+        return keep[i] - target if target >= max(min_keep, step) else 0
+
     def in_frac(i: int) -> float:
         p = producer[i]
         return 1.0 if p is None else keep[p] / channels[p]
@@ -348,19 +356,20 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
     while total > target:
         best, best_key = None, None
         for i in range(n):
-            if keep[i] <= min_keep:
+            m = drop(i)
+            if m == 0:
                 continue
-            saving = (coupled[i] * in_frac(i) + out_only[i]) / channels[i]
-            saving += sum(coupled[j] * (keep[j] / channels[j]) / channels[i] for j in consumers[i])
+            saving = m * (coupled[i] * in_frac(i) + out_only[i]) / channels[i]
+            saving += m * sum(coupled[j] * (keep[j] / channels[j]) / channels[i] for j in consumers[i])
             if saving <= 0:
                 continue
-            gain = cs[i][keep[i] - 1] - cs[i][keep[i]]
+            gain = cs[i][keep[i] - m] - cs[i][keep[i]]
             key = (gain / saving, -saving, i)
             if best_key is None or key < best_key:
                 best, best_key = i, key
         if best is None:
             raise UserError(f"budget {fraction:g} cannot be met with at least {min_keep} channel(s) per layer")
-        keep[best] -= 1
+        keep[best] -= drop(best)
         total = sum(cost(i) for i in range(n))
     return keep
 

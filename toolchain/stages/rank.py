@@ -8,14 +8,17 @@ import torch
 from torch import nn
 
 from toolchain.ranking import CRITERIA, LayerRanking, PrunableLayer, RankContext, load_criteria
+from toolchain.ranking.base import default_samples
 from toolchain.stages.data import Dataset, balanced_indices
 
 
 def rank_channels(model: nn.Module, layers: list[PrunableLayer], data: Dataset, *, criterion: str,
-                  options: dict[str, Any], samples: int, seed: int, device: torch.device,
+                  options: dict[str, Any], samples: int | None, seed: int, device: torch.device,
                   keep_ratio: float | None = None) -> dict[str, LayerRanking]:
+    """``samples``: None for the criterion's own default (``default_samples``)."""
     load_criteria()
     fn = CRITERIA.get(criterion)
+    samples = samples or default_samples(criterion)
     idx = balanced_indices(data.train.labels, samples, seed)
     images = data.normalize(data.train.images[idx].to(device))
     ctx = RankContext(model=model.eval(), layers=layers, images=images, labels=data.train.labels[idx].to(device),

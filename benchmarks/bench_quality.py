@@ -1,0 +1,232 @@
+"""One-shot pruning quality on the shared VGG16-BN CIFAR-10 baseline: every criterion, with and
+without compensation, at uniform cuts and under FLOPs budgets, no gradient step.
+
+For each criterion the package ranks the 13 convs once (``toolchain.stages.rank.rank_channels``,
+N class-balanced training images), then for each setting it cuts the network for real
+(``toolchain.stages.prune.prune_model``, plain removal) and measures top-1 on the test split:
+
+- ``none``: BN statistics re-estimated on ``--bn-images`` training images;
+- ``lstsq``: consumers refitted (``toolchain.compensation.compensate``, ``--compensation-samples``
+  images), then BN re-estimated the same way.
+
+Settings: ``uniform:F`` removes the fraction F of every conv's channels; ``flops:F`` /
+``params:F`` keep at most F of the prunable convs' cost, with counts from the measured
+sensitivity allocator (``toolchain.allocation``; measured with the same compensation mode).
+Results go to ``--out`` as JSON (one record per run; an interrupted run resumes and skips the
+records already there) and a markdown table.
+
+    .venv/bin/python benchmarks/bench_quality.py                                   # everything (hours on 2 cores)
+    .venv/bin/python benchmarks/bench_quality.py --criteria recon,l1,random --settings uniform:0.4
+
+Criteria are ``name`` or ``name:key=value:key=value`` (criterion options), ``random`` runs
+``--random-seeds`` seeds. Data: ``.data/cifar10`` (unpacked from the shared archive when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("BUILD_EDGE_NO_PROGRESS", "1")
+
+from toolchain.allocation import allocate, layer_sensitivity  # noqa: E402
+from toolchain.compensation import compensate  # noqa: E402
+from toolchain.models import create_model  # noqa: E402
+from toolchain.ranking.base import LayerRanking  # noqa: E402
+from toolchain.ranking.cutoffs import parse_budget  # noqa: E402
+from toolchain.stages.data import DeviceLoader, balanced_indices, load_dataset  # noqa: E402
+from toolchain.stages.prune import (  # noqa: E402
+    consumer_outputs,
+    count_flops_params,
+    find_prunable_layers,
+    kept_indices,
+    prune_model,
+)
+from toolchain.stages.rank import rank_channels  # noqa: E402
+from toolchain.train.engine import evaluate, recalibrate_batchnorm  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+DEFAULT_CRITERIA = ("recon,random,l1,bn-scale,taylor,cmi:kernel=adaptive:target=next,cmi:kernel=adaptive,"
+                    "cmi:kernel=exact,mipp")
+DEFAULT_SETTINGS = "uniform:0.4,uniform:0.6,flops:0.4,flops:0.2,uniform:0.2"
+
+
+def load_data():
+    root = ROOT / ".data" / "cifar10"
+    if not (root / "test").is_dir():
+        (ROOT / ".data").mkdir(exist_ok=True)
+        subprocess.run(["tar", "xzf", str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"), "-C", str(ROOT / ".data")],
+                       check=True)
+    return load_dataset("imagefolder", str(root), cache_dir=ROOT / ".data" / "cache", normalization="cifar10")
+
+
+def parse_criterion(spec: str) -> tuple[str, dict]:
+    name, *rest = spec.split(":")
+    options = {}
+    for item in rest:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--criteria", default=DEFAULT_CRITERIA)
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS)
+    ap.add_argument("--compensation", default="none,lstsq", help="comma-separated: none, lstsq")
+    ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=None, help="ranking images (default: the criterion's own)")
+    ap.add_argument("--compensation-samples", type=int, default=1024)
+    ap.add_argument("--bn-images", type=int, default=2000)
+    ap.add_argument("--test-images", type=int, default=10000, help="class-balanced test subset (10000 = all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "quality"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    done = {(r["criterion"], r["seed"], r["setting"], r["compensation"]) for r in results["runs"]}
+
+    data = load_data()
+    test = data.test if args.test_images >= len(data.test) else data.test.subset(
+        balanced_indices(data.test.labels, args.test_images, args.seed))
+    dense = create_model("vgg16_bn", num_classes=10)
+    dense.load_state_dict(torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu",
+                                     weights_only=True))
+    dense = dense.to(device).eval()
+    example = torch.zeros(2, *data.input_shape, device=device)
+    layers = find_prunable_layers(dense, example)
+    flops_d, params_d = count_flops_params(dense, data.input_shape)
+    test_loader = DeviceLoader(test, data, 500, device)
+    if "dense_acc" not in results:
+        results["dense_acc"] = evaluate(dense, test_loader, device)
+    results.update(test_images=len(test), machine=f"{platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+                   command=" ".join([Path(sys.executable).name, *sys.argv]))
+    fit_idx = balanced_indices(data.train.labels, args.compensation_samples, args.seed + 2)
+    fit_images = data.normalize(data.train.images[fit_idx].to(device))
+    probe_idx = balanced_indices(data.train.labels, 256, args.seed + 3)
+    probe_images = data.normalize(data.train.images[probe_idx].to(device))
+    print(f"dense {results['dense_acc']:.2%} on {len(test)} test images; {flops_d / 1e6:.1f} MFLOPs", flush=True)
+
+    def save() -> None:
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(results_path)
+        (out / "results.md").write_text(markdown(results))
+
+    settings = args.settings.split(",")
+    modes = args.compensation.split(",")
+    for spec in args.criteria.split(","):
+        name, options = parse_criterion(spec)
+        seeds = range(args.seed, args.seed + (args.random_seeds if name == "random" else 1))
+        for seed in seeds:
+            todo = [(s, m) for s in settings for m in modes if (spec, seed, s, m) not in done]
+            if not todo:
+                continue
+            stem = spec.replace(":", "_").replace("=", "-")
+            cached = out / "rankings" / f"{stem}-seed{seed}-n{args.samples or 'default'}.json"
+            if cached.exists():  # a later invocation (other settings) reuses the ranking and its time
+                saved = json.loads(cached.read_text())
+                rankings = {k: LayerRanking(**v) for k, v in saved["rankings"].items()}
+                rank_s = saved["seconds"]
+            else:
+                t0 = time.perf_counter()
+                rankings = rank_channels(dense, layers, data, criterion=name, options=options,
+                                         samples=args.samples, seed=seed, device=device)
+                rank_s = time.perf_counter() - t0
+                cached.parent.mkdir(exist_ok=True)
+                cached.write_text(json.dumps({"seconds": rank_s, "rankings": {k: r.__dict__ for k, r in
+                                                                               rankings.items()}}))
+            print(f"{spec} seed {seed}: ranked in {rank_s:.1f}s", flush=True)
+            sensitivity: dict[str, dict] = {}  # per compensation mode, shared by the budgets
+            for setting, mode in todo:
+                kind, _, value = setting.partition(":")
+                t1 = time.perf_counter()
+                alloc_s = None
+                if kind == "uniform":
+                    counts = {layer.name: max(1, round((1 - float(value)) * layer.channels)) for layer in layers}
+                else:
+                    if mode not in sensitivity:
+                        sensitivity[mode] = layer_sensitivity(dense, layers, rankings, example, probe_images,
+                                                              fit_images[:128], compensation=mode == "lstsq",
+                                                              seed=seed)
+                        alloc_s = round(time.perf_counter() - t1, 1)
+                    counts, _ = allocate(layers, sensitivity[mode], parse_budget(f"{kind}={value}"))
+                kept = kept_indices(rankings, counts)
+                pruned, _ = prune_model(dense, example, kept)
+                pruned.to(device)
+                comp_s = None
+                if mode == "lstsq":
+                    t2 = time.perf_counter()
+                    compensate(pruned, dense, fit_images, consumer_outputs(layers, kept), seed=seed)
+                    comp_s = time.perf_counter() - t2
+                recalibrate_batchnorm(pruned, DeviceLoader(data.train, data, 256, device, shuffle=True,
+                                                           seed=seed + 1), device, args.bn_images)
+                acc = evaluate(pruned, test_loader, device)
+                flops_p, params_p = count_flops_params(pruned, data.input_shape)
+                run = {"criterion": spec, "seed": seed, "setting": setting, "compensation": mode, "acc": acc,
+                       "flops_ratio": flops_p / flops_d, "params_ratio": params_p / params_d,
+                       "kept_counts": counts, "rank_seconds": round(rank_s, 1),
+                       "compensation_seconds": None if comp_s is None else round(comp_s, 1),
+                       "allocation_seconds": alloc_s, "seconds": round(time.perf_counter() - t1, 1)}
+                results["runs"].append(run)
+                done.add((spec, seed, setting, mode))
+                save()
+                print(f"  {setting:<12} {mode:<5} acc {acc:.2%}  FLOPs {flops_p / flops_d:.1%}"
+                      + (f"  comp {comp_s:.0f}s" if comp_s else "") + (f"  alloc {alloc_s:.0f}s" if alloc_s else ""),
+                      flush=True)
+    save()
+
+
+def markdown(results: dict) -> str:
+    runs = results["runs"]
+    settings = list(dict.fromkeys(r["setting"] for r in runs))
+    modes = list(dict.fromkeys(r["compensation"] for r in runs))
+    criteria = list(dict.fromkeys(r["criterion"] for r in runs))
+    head = ["criterion"] + [f"{s} {m}" for s in settings for m in modes]
+    lines = [f"Dense: {results['dense_acc']:.2%} on {results['test_images']} test images. "
+             f"Top-1 after the cut, no gradient step (BN re-estimated; `lstsq` = compensation first). "
+             f"Budget columns give the FLOPs kept in brackets.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in criteria:
+        row = [c]
+        for s in settings:
+            for m in modes:
+                rs = [r for r in runs if r["criterion"] == c and r["setting"] == s and r["compensation"] == m]
+                if not rs:
+                    row.append("")
+                    continue
+                accs = " / ".join(f"{100 * r['acc']:.1f}" for r in rs)
+                if not s.startswith("uniform"):
+                    accs += f" ({100 * rs[0]['flops_ratio']:.1f}%)"
+                row.append(accs)
+        lines.append("| " + " | ".join(row) + " |")
+    seconds = [f"{c}: ranking {next(r['rank_seconds'] for r in runs if r['criterion'] == c)} s" for c in criteria]
+    comp = [r["compensation_seconds"] for r in runs if r["compensation_seconds"]]
+    lines += ["", "Ranking time (N images): " + "; ".join(seconds) + "."]
+    if comp:
+        lines.append(f"Compensation: {min(comp):.0f}-{max(comp):.0f} s per cut.")
+    lines += ["", f"Machine: {results['machine']}. Command: `{results['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Budgets for every criterion: measured sensitivity, greedy allocation under the budget."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import Tiny
+
+from toolchain.allocation import allocate, layer_sensitivity, sensitivity_curve
+from toolchain.compensation import compensate
+from toolchain.ranking import CRITERIA, RankContext, load_criteria
+from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs
+from toolchain.stages.prune import consumer_outputs, find_prunable_layers, kept_indices, prune_model
+
+
+def _redundant_tiny() -> torch.nn.Module:
+    """Tiny whose middle conv (features.4) has channels 4-7 as exact copies of channels 0-3."""
+    torch.manual_seed(0)
+    model = Tiny()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    conv, bn = model.features[4], model.features[5]
+    with torch.no_grad():
+        conv.weight[4:] = conv.weight[:4]
+        conv.bias[4:] = conv.bias[:4]
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t[4:] = t[:4]
+        model.classifier.weight.mul_(10)  # logits that differ between inputs: damage is measurable
+    return model.eval()
+
+
+def _damage(model, dense, x) -> float:
+    with torch.no_grad():
+        ref = F.log_softmax(dense(x), 1)
+        return float((ref.exp() * (ref - F.log_softmax(model(x), 1))).sum(1).mean())
+
+
+def test_sensitivity_curve_is_monotone_and_interpolates():
+    curve = sensitivity_curve([[1.0, 0.0], [0.5, 0.2], [0.25, 0.1], [0.1, 1.0]], 8)
+    assert len(curve) == 9 and curve[8] == 0.0
+    assert np.all(np.diff(curve) <= 1e-12)  # never less damage with fewer channels
+    assert curve[4] == pytest.approx(0.2)  # the non-monotone 0.25 point is lifted to the 0.5 one
+    assert curve[6] == pytest.approx(0.1)  # halfway between 4 and 8 channels
+
+
+@pytest.mark.parametrize("step", [1, 2, 4])
+def test_allocate_budget_meets_the_budget_in_steps(step):
+    channels = [8, 16, 16, 8]
+    coupled, out_only, producer = [100.0, 400.0, 400.0, 100.0], [0.0] * 4, [None, 0, 1, 2]
+    curves = [np.linspace(c, 0, c + 1) * w for c, w in zip(channels, (1.0, 0.1, 0.5, 2.0))]
+    keep = allocate_budget(curves, channels, coupled, out_only, producer, 0.4, min_keep=step, step=step)
+    assert budget_cost(keep, channels, coupled, out_only, producer) <= 0.4 + 1e-9
+    assert all(k % step == 0 and k >= step for k in keep)
+    # the cheap-to-cut layer (lowest damage per channel) gives up the most
+    assert keep[1] / channels[1] == min(k / c for k, c in zip(keep, channels))
+
+
+def test_allocation_beats_uniform_on_a_model_with_one_redundant_layer():
+    load_criteria()
+    dense = _redundant_tiny()
+    example = torch.zeros(2, 3, 8, 8)
+    layers = find_prunable_layers(dense, example)
+    g = torch.Generator().manual_seed(0)
+    images, probe, test = (torch.randn(n, 3, 8, 8, generator=g) for n in (128, 128, 256))
+    labels = torch.arange(128) % 3
+    rankings = CRITERIA.get("recon")(RankContext(model=dense, layers=layers, images=images, labels=labels,
+                                                 num_classes=3, device=torch.device("cpu")))
+    # uniform: a quarter of every layer goes (the redundant layer could lose half for free)
+    uniform = {layer.name: round(0.75 * layer.channels) for layer in layers}
+    coupled, out_only, producer = layer_costs(layers, "flops")
+    names = [layer.name for layer in layers]
+    cost_uniform = budget_cost([uniform[n] for n in names], [layer.channels for layer in layers], coupled, out_only,
+                               producer)
+    sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, images, compensation=True)
+    # half of the redundant layer goes almost for free, unlike half of any other layer
+    assert sens["features.4"][2][1] < 0.01 * min(sens[n][2][1] for n in ("features.0", "features.8"))
+    counts, info = allocate(layers, sens, Budget("flops", cost_uniform))
+    assert info["cost"] <= cost_uniform + 1e-9
+
+    def cut(counts):
+        kept = kept_indices(rankings, counts)
+        pruned, _ = prune_model(dense, example, kept)
+        compensate(pruned, dense, images, consumer_outputs(layers, kept))
+        return _damage(pruned, dense, test)
+
+    assert counts["features.4"] <= 4 < uniform["features.4"]  # the free half of the redundant layer goes
+    assert cut(counts) < cut(uniform)

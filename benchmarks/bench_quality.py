@@ -56,7 +56,7 @@ from toolchain.stages.rank import rank_channels  # noqa: E402
 from toolchain.train.engine import evaluate, recalibrate_batchnorm  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-DEFAULT_CRITERIA = ("recon,random,l1,bn-scale,taylor,cmi:kernel=adaptive:target=next,cmi:kernel=adaptive,"
+DEFAULT_CRITERIA = ("recon,random,l1,bn-scale,taylor,cmi:kernel=adaptive:preserve=next,cmi:kernel=adaptive,"
                     "cmi:kernel=exact,mipp")
 DEFAULT_SETTINGS = "uniform:0.4,uniform:0.6,flops:0.4,flops:0.2,uniform:0.2"
 
@@ -118,8 +118,10 @@ def main() -> None:
     if "dense_acc" not in results:
         results["dense_acc"] = evaluate(dense, test_loader, device)
     results.update(test_images=len(test), machine=f"{platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
-                   command=" ".join([Path(sys.executable).name, *sys.argv]))
+                   f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
+    command = " ".join(["python", *sys.argv])
+    if command not in results.setdefault("commands", []):  # every invocation that added runs
+        results["commands"].append(command)
     fit_idx = balanced_indices(data.train.labels, args.compensation_samples, args.seed + 2)
     fit_images = data.normalize(data.train.images[fit_idx].to(device))
     probe_idx = balanced_indices(data.train.labels, 256, args.seed + 3)
@@ -224,7 +226,8 @@ def markdown(results: dict) -> str:
     lines += ["", "Ranking time (N images): " + "; ".join(seconds) + "."]
     if comp:
         lines.append(f"Compensation: {min(comp):.0f}-{max(comp):.0f} s per cut.")
-    lines += ["", f"Machine: {results['machine']}. Command: `{results['command']}`"]
+    lines += ["", f"Machine: {results['machine']}. Commands (each adds its runs to the same results):", ""]
+    lines += [f"    {c}" for c in results.get("commands", [])]
     return "\n".join(lines) + "\n"
 
 

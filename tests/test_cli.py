@@ -227,3 +227,13 @@ def test_resume_after_kill(tmp_path):
     history = json.loads((tmp_path / "r" / "manifest.json").read_text())["metrics"]["finetune_history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert Path(tmp_path / "r" / "model.onnx").is_file()
+
+
+def test_criterion_flags_do_not_collide_with_config_flags():
+    from dataclasses import fields
+
+    from toolchain.cli import CRITERION_FLAGS, build_parser
+    from toolchain.config import Config
+
+    build_parser()  # argparse refuses two options with one name
+    assert not set(CRITERION_FLAGS) & {f.name for f in fields(Config)}

@@ -393,7 +393,7 @@ def test_criterion_budget_and_permutation():
     {"formulation": "layerwise"}, {"order": "backward"}, {"cutoff": "elbow"}, {"alpha": 0}, {"alpha": "x"},
     {"gamma": -1}, {"permutations": 0}, {"permutations": 2.5}, {"eta": 1.5}, {"budget": "flops=1.5"},
     {"budget": "latency=3"}, {"cutoff": "ratio", "keep_ratio": 0}, {"typo": 1},
-    {"kernel": "median"}, {"target": "logits"},
+    {"kernel": "median"}, {"preserve": "logits"},
 ])
 def test_bad_options_raise_user_error(options):
     with pytest.raises(UserError) as err:
@@ -426,7 +426,7 @@ def test_criterion_adaptive_kernel():
 
 
 def test_criterion_next_layer_target_differs_from_labels():
-    out_next = CRITERIA.get("cmi")(_tiny_context({"kernel": "adaptive", "target": "next", "cutoff": "knee"}))
+    out_next = CRITERIA.get("cmi")(_tiny_context({"kernel": "adaptive", "preserve": "next", "cutoff": "knee"}))
     ctx = _tiny_context({"kernel": "adaptive", "cutoff": "knee"})
     out_labels = CRITERIA.get("cmi")(ctx)
     _check(out_next, ctx)

@@ -50,8 +50,8 @@ CRITERION_FLAGS: dict[str, tuple[Any, str]] = {
     "permutations": (int, "cmi: permutations of the stopping test"),
     "eta": (float, "cmi: significance of the permutation stopping test"),
     "kernel": (str, "cmi: exact (the paper's kernel widths) or adaptive (median widths, no saturation)"),
-    "target": (str, "cmi: what the selection preserves: labels (the papers') or next (the next layer's response; "
-                    "adaptive kernel)"),
+    "preserve": (str, "cmi: what the selection preserves: labels (the papers') or next (the next layer's "
+                      "response; adaptive kernel)"),
     "recon_weight": (str, "recon: weight of each output channel's error: loss (gradient, default), bn or none"),
     "mipp_estimator": (str, "mipp: renyi or mlp"),
     "mipp_kernel": (str, "mipp: median (default) or paper kernel widths for the renyi estimator"),

@@ -532,9 +532,9 @@ def _permutation_p(x_s: torch.Tensor, make_z, make_f, k_y: torch.Tensor, s_y: fl
 FORMULATIONS = ("per-layer", "compact", "full")
 ORDERS = ("forward", "bidirectional")
 CUTOFFS = ("scree", "xmeans", "permutation", "knee", "ratio")
-TARGETS = ("labels", "next")
+PRESERVES = ("labels", "next")
 _KEYS = ("formulation", "order", "cutoff", "budget", "alpha", "gamma", "permutations", "eta", "samples",
-         "keep_ratio", "kernel", "target")
+         "keep_ratio", "kernel", "preserve")
 
 
 @dataclass(frozen=True)
@@ -549,7 +549,7 @@ class CMIOptions:
     eta: float = 0.05
     keep_ratio: float | None = None
     kernel: str = "exact"
-    target: str = "labels"
+    preserve: str = "labels"  # what the selection preserves: the labels, or the next layer's response
 
 
 def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
@@ -581,7 +581,7 @@ def parse_options(options: Mapping[str, Any] | None) -> CMIOptions:
         eta=_check_number("cmi option eta", get("eta"), 0.0, 1.0),
         keep_ratio=keep_ratio,
         kernel=_choice("kernel", get("kernel"), KERNELS),
-        target=_choice("target", get("target"), TARGETS),
+        preserve=_choice("preserve", get("preserve"), PRESERVES),
     )
 
 
@@ -604,7 +604,7 @@ class _Engine:
     def rank(self, i: int, condition: Sequence[torch.Tensor], upcoming: Sequence[int]) -> CMIRanking:
         feats = self.capture.get(i, upcoming)
         o = self.opts
-        target = self.response(i) if o.target == "next" else None
+        target = self.response(i) if o.preserve == "next" else None
         res = rank_layer(feats, self.ctx.labels, num_classes=self.ctx.num_classes, alpha=o.alpha, gamma=o.gamma,
                          condition=condition, stop=self.stop, permutations=o.permutations, eta=o.eta,
                          seed=self.ctx.seed + i, device=self.ctx.device, kernel=o.kernel, target=target)

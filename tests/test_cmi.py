@@ -173,6 +173,9 @@ def test_rank_layer_with_a_response_target_matches_slow_reference(alpha):
     assert labels_order != res.order  # the target changes the decisions
     with pytest.raises(UserError, match="adaptive"):
         rank_layer(f, y, num_classes=3, alpha=alpha, target=target)
+    assert parse_options({"kernel": "exact"}).preserve == "labels"  # the paper's mode as a whole
+    with pytest.raises(UserError, match="adaptive"):
+        cmi_mod.cmi_criterion(_tiny_context({"kernel": "exact", "preserve": "next", "cutoff": "knee"}))
 
 
 def test_adaptive_kernel_does_not_saturate_where_exact_does():
@@ -280,8 +283,10 @@ def _tiny_context(options=None, n=24, seed=0):
     labels = torch.arange(n) % 3
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, 8, 8, generator=g) + labels[:, None, None, None].float()
+    # the paper's mode unless a test says otherwise: these tests compare against rank_layer's defaults
+    options = {"kernel": "exact", "cutoff": "scree", **(options or {})}
     return RankContext(model=model, layers=layers, images=images, labels=labels, num_classes=3,
-                       device=torch.device("cpu"), options=dict(options or {}), seed=seed)
+                       device=torch.device("cpu"), options=options, seed=seed)
 
 
 def test_capture_matches_manual_forward_and_stops_early():
@@ -412,12 +417,12 @@ def test_ratio_cutoff_uses_the_runs_keep_ratio():
 
 def test_option_defaults():
     o = parse_options({"samples": 256})
-    assert (o.formulation, o.order, o.cutoff, o.budget, o.alpha, o.gamma, o.permutations, o.eta, o.kernel) == \
-        ("per-layer", "forward", "scree", None, 2.0, 5.0, 100, 0.05, "exact")
+    assert (o.formulation, o.order, o.cutoff, o.budget, o.alpha, o.gamma, o.permutations, o.eta, o.kernel,
+            o.preserve) == ("per-layer", "forward", "ratio", None, 2.0, 5.0, 100, 0.05, "adaptive", "next")
 
 
 def test_criterion_adaptive_kernel():
-    ctx = _tiny_context({"kernel": "adaptive", "cutoff": "knee"})
+    ctx = _tiny_context({"kernel": "adaptive", "preserve": "labels", "cutoff": "knee"})
     out = CRITERIA.get("cmi")(ctx)
     _check(out, ctx)
     for layer in ctx.layers:
@@ -427,7 +432,7 @@ def test_criterion_adaptive_kernel():
 
 def test_criterion_next_layer_target_differs_from_labels():
     out_next = CRITERIA.get("cmi")(_tiny_context({"kernel": "adaptive", "preserve": "next", "cutoff": "knee"}))
-    ctx = _tiny_context({"kernel": "adaptive", "cutoff": "knee"})
+    ctx = _tiny_context({"kernel": "adaptive", "preserve": "labels", "cutoff": "knee"})
     out_labels = CRITERIA.get("cmi")(ctx)
     _check(out_next, ctx)
     assert any(out_next[layer.name].order != out_labels[layer.name].order for layer in ctx.layers)

@@ -439,7 +439,8 @@ def rank_layer(features, labels, *, num_classes=10, alpha=1.01, gamma=5.0, condi
     cond = [_as_maps(m, f"condition[{i}]", n) for i, m in enumerate(condition)]
 
     if target is not None and kernel != "adaptive":
-        raise UserError("a target other than the labels needs kernel='adaptive'")
+        raise UserError("a target other than the labels needs kernel='adaptive' (cmi: --preserve next with "
+                        "--kernel adaptive)")
     if kernel == "exact":
         st = _Exact(x, cond, y, num_classes, alpha, gamma, dev)
     else:
@@ -539,17 +540,22 @@ _KEYS = ("formulation", "order", "cutoff", "budget", "alpha", "gamma", "permutat
 
 @dataclass(frozen=True)
 class CMIOptions:
+    """Defaults: the best CMI variant measured one-shot with compensation on the shared VGG16
+    (docs/QUALITY.md): adaptive kernels preserving the next layer's response, cut at the run's
+    keep ratio (or budget). ``kernel="exact"`` (which preserves the labels unless told otherwise)
+    with a paper cutoff (scree, xmeans, permutation) is the paper-faithful mode."""
+
     formulation: str = "per-layer"
     order: str = "forward"
-    cutoff: str = "scree"
+    cutoff: str = "ratio"
     budget: Budget | None = None
     alpha: float = 2.0
     gamma: float = 5.0
     permutations: int = 100
     eta: float = 0.05
     keep_ratio: float | None = None
-    kernel: str = "exact"
-    preserve: str = "labels"  # what the selection preserves: the labels, or the next layer's response
+    kernel: str = "adaptive"
+    preserve: str = "next"  # what the selection preserves: the labels, or the next layer's response
 
 
 def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
@@ -581,7 +587,9 @@ def parse_options(options: Mapping[str, Any] | None) -> CMIOptions:
         eta=_check_number("cmi option eta", get("eta"), 0.0, 1.0),
         keep_ratio=keep_ratio,
         kernel=_choice("kernel", get("kernel"), KERNELS),
-        preserve=_choice("preserve", get("preserve"), PRESERVES),
+        # the exact (paper) kernel preserves the labels unless told otherwise; next needs the adaptive one
+        preserve=_choice("preserve", opts.get("preserve") or ("labels" if get("kernel") == "exact" else d.preserve),
+                         PRESERVES),
     )
 
 

@@ -76,8 +76,8 @@ def test_allocation_beats_uniform_on_a_model_with_one_redundant_layer():
     cost_uniform = budget_cost([uniform[n] for n in names], [layer.channels for layer in layers], coupled, out_only,
                                producer)
     sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, images, compensation=True)
-    # half of the redundant layer goes almost for free, unlike half of any other layer
-    assert sens["features.4"][2][1] < 0.01 * min(sens[n][2][1] for n in ("features.0", "features.8"))
+    # half of the redundant layer costs far less than half of any other layer (the ridge keeps it from 0)
+    assert sens["features.4"][2][1] < 0.25 * min(sens[n][2][1] for n in ("features.0", "features.8"))
     counts, info = allocate(layers, sens, Budget("flops", cost_uniform))
     assert info["cost"] <= cost_uniform + 1e-9
 

@@ -229,7 +229,7 @@ def primary_plan(base: Config, *, quick: bool, distill: Sequence[bool],
         budgets = QUICK_BUDGETS if quick else BUDGETS
         cmi = _with(base, criterion="cmi", run_name=f"{tag}-cmi", criterion_options=dict(BUDGET_OPTIONS))
         for label, cfg in variant_configs(cmi, {"budget": [f"flops={b}" for b in budgets], **dist}):
-            out.append(Variant(f"cmi {cfg.criterion_options['budget']}", "cmi-budget", label, cfg))
+            out.append(Variant(f"cmi {cfg.budget}", "cmi-budget", label, cfg))
     if "mipp" in groups:
         mipp = _with(base, criterion="mipp", run_name=f"{tag}-mipp", criterion_options={})
         for label, cfg in variant_configs(mipp, {"mipp_estimator": list(MIPP_ESTIMATORS), **dist}):

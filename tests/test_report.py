@@ -213,7 +213,7 @@ def test_tables_cover_layers_latency_memory_sweep_device(full_report):
     assert "| features.22 | 512 | 96 | 416 | 18.8% | 96 |" in md
     assert "| pruned/int8 | onnxruntime | int8 | 2 | 8 | 21.70 | 24.30 |" in md
     assert "| dense/fp32 | **NO** | - |" in md and "out of memory" in md
-    assert "| cmi-knee | cmi | 18.05% | 17.12% | 61.10% | 88.40% | −4.72 pp |" in md
+    assert "| cmi-knee | cmi | 18.05% | 17.12% | 61.10% | - | 88.40% | −4.72 pp |" in md
     assert "| NVIDIA Jetson Orin Nano | tensorrt | 15W | yes | int8 | 1 | 0.610 |" in md
     assert "cmi[keep-1]" in md  # the cutoff convention of the CMI plot is spelled out
 

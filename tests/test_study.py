@@ -70,13 +70,12 @@ def test_full_plan(study):
     cmi = {(v.cfg.criterion_options["formulation"], v.cfg.criterion_options["order"],
             v.cfg.criterion_options["cutoff"]) for v in primaries if v.group == "cmi"}
     assert len(cmi) == 18
-    assert {v.cfg.criterion_options["budget"] for v in primaries if v.group == "cmi-budget"} == {"flops=0.5",
-                                                                                                 "flops=0.4"}
+    assert {v.cfg.budget for v in primaries if v.group == "cmi-budget"} == {"flops=0.5", "flops=0.4"}
     assert {v.cfg.criterion_options["mipp_estimator"] for v in primaries if v.group == "mipp"} == {"renyi", "mlp"}
     assert all(v.cfg.criterion == "mipp" for v in primaries if v.group == "mipp")
     assert len({v.cfg.resolved_run_name for v in primaries}) == len(primaries)  # one bundle each
-    # every variant shares the baseline recipe: only criterion, options and distill differ
-    ignore = {"criterion", "criterion_options", "distill", "run_name"}
+    # every variant shares the baseline recipe: only criterion, options, budget and distill differ
+    ignore = {"criterion", "criterion_options", "budget", "distill", "run_name"}
     assert len({str({k: v for k, v in p.cfg.to_dict().items() if k not in ignore}) for p in primaries}) == 1
 
     reached = [(v.name, v.group, f) for v, f in zip(primaries[:3], (0.301, 0.303, 0.62))]

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("BUILD_EDGE_NO_PROGRESS", "1")
 
+from bench_mipp import load_data  # noqa: E402  (the sibling script: one way to unpack and load the data)
+
 from toolchain.allocation import allocate, layer_sensitivity  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
 from toolchain.ranking.base import LayerRanking  # noqa: E402
 from toolchain.ranking.cutoffs import parse_budget  # noqa: E402
-from toolchain.stages.data import DeviceLoader, balanced_indices, load_dataset  # noqa: E402
+from toolchain.stages.data import DeviceLoader, balanced_indices  # noqa: E402
 from toolchain.stages.prune import (  # noqa: E402
     consumer_outputs,
     count_flops_params,
@@ -59,15 +60,6 @@ SHARED = ROOT.parent / "shared"
 DEFAULT_CRITERIA = ("recon,random,l1,bn-scale,taylor,cmi:kernel=adaptive:preserve=next,cmi:kernel=adaptive,"
                     "cmi:kernel=exact,mipp")
 DEFAULT_SETTINGS = "uniform:0.4,uniform:0.6,flops:0.4,flops:0.2,uniform:0.2"
-
-
-def load_data():
-    root = ROOT / ".data" / "cifar10"
-    if not (root / "test").is_dir():
-        (ROOT / ".data").mkdir(exist_ok=True)
-        subprocess.run(["tar", "xzf", str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"), "-C", str(ROOT / ".data")],
-                       check=True)
-    return load_dataset("imagefolder", str(root), cache_dir=ROOT / ".data" / "cache", normalization="cifar10")
 
 
 def parse_criterion(spec: str) -> tuple[str, dict]:

@@ -57,6 +57,7 @@ def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], ranking
     """Per layer, ``[[kept_fraction, KL], ...]`` (1.0 -> 0 included) from cutting that layer alone."""
     from toolchain.compensation import compensate
     from toolchain.stages.prune import consumer_outputs, prune_model
+    from toolchain.train.engine import recalibrate_batchnorm
 
     dense = dense.eval()
     reference = torch.cat([F.log_softmax(dense(probe[a:a + 128]).double(), 1) for a in range(0, len(probe), 128)])
@@ -71,24 +72,13 @@ def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], ranking
             if compensation:
                 compensate(pruned, dense, fit, consumer_outputs(list(layers), kept), seed=seed, max_views=4)
             else:
-                _recalibrate(pruned, fit)
+                batches = [(fit[a:a + 128], None) for a in range(0, len(fit), 128)]
+                recalibrate_batchnorm(pruned, batches, fit.device, len(fit))
             points.append([k / layer.channels, _kl_from_dense(pruned, probe, reference)])
             if progress is not None:
                 progress()
         out[layer.name] = points
     return out
-
-
-@torch.no_grad()
-def _recalibrate(model: nn.Module, images: torch.Tensor) -> None:
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for a in range(0, len(images), 128):
-        model(images[a:a + 128])
-    model.eval()
 
 
 def sensitivity_curve(points: Sequence[Sequence[float]], channels: int) -> np.ndarray:

@@ -43,7 +43,8 @@ from bench_mipp import load_data  # noqa: E402  (the sibling script: one way to 
 from toolchain.allocation import allocate, layer_sensitivity  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
-from toolchain.ranking.base import LayerRanking  # noqa: E402
+from toolchain.ranking import load_criteria  # noqa: E402
+from toolchain.ranking.base import LayerRanking, default_samples  # noqa: E402
 from toolchain.ranking.cutoffs import parse_budget  # noqa: E402
 from toolchain.stages.data import DeviceLoader, balanced_indices  # noqa: E402
 from toolchain.stages.prune import (  # noqa: E402
@@ -94,7 +95,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
-    done = {(r["criterion"], r["seed"], r["setting"], r["compensation"]) for r in results["runs"]}
+    done = {(r["criterion"], r["seed"], r["setting"], r["compensation"], r.get("rank_samples"))
+            for r in results["runs"]}
 
     data = load_data()
     test = data.test if args.test_images >= len(data.test) else data.test.subset(
@@ -126,17 +128,19 @@ def main() -> None:
         tmp.replace(results_path)
         (out / "results.md").write_text(markdown(results))
 
+    load_criteria()
     settings = args.settings.split(",")
     modes = args.compensation.split(",")
     for spec in args.criteria.split(","):
         name, options = parse_criterion(spec)
         seeds = range(args.seed, args.seed + (args.random_seeds if name == "random" else 1))
         for seed in seeds:
-            todo = [(s, m) for s in settings for m in modes if (spec, seed, s, m) not in done]
+            samples = args.samples or default_samples(name)
+            todo = [(s, m) for s in settings for m in modes if (spec, seed, s, m, samples) not in done]
             if not todo:
                 continue
             stem = spec.replace(":", "_").replace("=", "-")
-            cached = out / "rankings" / f"{stem}-seed{seed}-n{args.samples or 'default'}.json"
+            cached = out / "rankings" / f"{stem}-seed{seed}-n{samples}.json"
             if cached.exists():  # a later invocation (other settings) reuses the ranking and its time
                 saved = json.loads(cached.read_text())
                 rankings = {k: LayerRanking(**v) for k, v in saved["rankings"].items()}
@@ -178,11 +182,11 @@ def main() -> None:
                 flops_p, params_p = count_flops_params(pruned, data.input_shape)
                 run = {"criterion": spec, "seed": seed, "setting": setting, "compensation": mode, "acc": acc,
                        "flops_ratio": flops_p / flops_d, "params_ratio": params_p / params_d,
-                       "kept_counts": counts, "rank_seconds": round(rank_s, 1),
+                       "kept_counts": counts, "rank_samples": samples, "rank_seconds": round(rank_s, 1),
                        "compensation_seconds": None if comp_s is None else round(comp_s, 1),
                        "allocation_seconds": alloc_s, "seconds": round(time.perf_counter() - t1, 1)}
                 results["runs"].append(run)
-                done.add((spec, seed, setting, mode))
+                done.add((spec, seed, setting, mode, samples))
                 save()
                 print(f"  {setting:<12} {mode:<5} acc {acc:.2%}  FLOPs {flops_p / flops_d:.1%}"
                       + (f"  comp {comp_s:.0f}s" if comp_s else "") + (f"  alloc {alloc_s:.0f}s" if alloc_s else ""),
@@ -192,19 +196,26 @@ def main() -> None:
 
 def markdown(results: dict) -> str:
     runs = results["runs"]
-    settings = list(dict.fromkeys(r["setting"] for r in runs))
-    modes = list(dict.fromkeys(r["compensation"] for r in runs))
-    criteria = list(dict.fromkeys(r["criterion"] for r in runs))
-    head = ["criterion"] + [f"{s} {m}" for s in settings for m in modes]
+
+    def setting_order(s: str) -> tuple:  # uniform cuts by fraction removed, then budgets from loose to tight
+        kind, _, value = s.partition(":")
+        return (kind != "uniform", float(value) if kind == "uniform" else -float(value))
+
+    settings = sorted(dict.fromkeys(r["setting"] for r in runs), key=setting_order)
+    modes = [m for m in ("none", "lstsq") if any(r["compensation"] == m for r in runs)]
+    rows = list(dict.fromkeys((r["criterion"], r["rank_samples"]) for r in runs))
+    head = ["criterion", "N"] + [f"{s} {m}" for s in settings for m in modes]
     lines = [f"Dense: {results['dense_acc']:.2%} on {results['test_images']} test images. "
              f"Top-1 after the cut, no gradient step (BN re-estimated; `lstsq` = compensation first). "
-             f"Budget columns give the FLOPs kept in brackets.", "",
+             f"N: ranking images. Budget columns give the FLOPs kept in brackets; `uniform:0.368` and "
+             f"`uniform:0.553` are the uniform cuts with the FLOPs of `flops:0.4` and `flops:0.2`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in criteria:
-        row = [c]
+    for c, n in rows:
+        row = [c, str(n)]
         for s in settings:
             for m in modes:
-                rs = [r for r in runs if r["criterion"] == c and r["setting"] == s and r["compensation"] == m]
+                rs = [r for r in runs if (r["criterion"], r["rank_samples"]) == (c, n) and r["setting"] == s
+                      and r["compensation"] == m]
                 if not rs:
                     row.append("")
                     continue
@@ -213,9 +224,10 @@ def markdown(results: dict) -> str:
                     accs += f" ({100 * rs[0]['flops_ratio']:.1f}%)"
                 row.append(accs)
         lines.append("| " + " | ".join(row) + " |")
-    seconds = [f"{c}: ranking {next(r['rank_seconds'] for r in runs if r['criterion'] == c)} s" for c in criteria]
+    rank_s = {(r["criterion"], r["rank_samples"]): r["rank_seconds"] for r in runs}
+    seconds = [f"{c} (N={n}): {rank_s[c, n]} s" for c, n in rows]
     comp = [r["compensation_seconds"] for r in runs if r["compensation_seconds"]]
-    lines += ["", "Ranking time (N images): " + "; ".join(seconds) + "."]
+    lines += ["", "Ranking seconds: " + "; ".join(seconds) + "."]
     if comp:
         lines.append(f"Compensation: {min(comp):.0f}-{max(comp):.0f} s per cut.")
     lines += ["", f"Machine: {results['machine']}. Commands (each adds its runs to the same results):", ""]

@@ -81,3 +81,22 @@ def test_loss_weights_change_the_order_and_bad_options_are_refused():
     assert any(loss[n].order != plain[n].order for n in loss)
     with pytest.raises(UserError, match="recon_weight"):
         CRITERIA.get("recon")(ctx({"recon_weight": "heavy"}))
+
+
+def test_elimination_residuals_equal_plain_least_squares_and_each_removal_is_the_cheapest():
+    from toolchain.ranking.reconstruction import greedy_elimination
+
+    channels, group = 7, 4
+    x, y = _problem(seed=2, channels=channels, group=group)
+    order, residual = greedy_elimination(x.T @ x, x.T @ y, float((y ** 2).sum()), channels, ridge=1e-10)
+    assert sorted(order) == list(range(channels))
+    for k in range(1, channels + 1):
+        assert abs(_residual(x, y, order[:k], group) - residual[k - 1]) < 1e-6
+    for k in range(channels, 1, -1):  # from the full set, each step drops the channel that costs least
+        kept = order[:k]
+        cheapest = min(kept, key=lambda c: _residual(x, y, [d for d in kept if d != c], group))
+        assert order[k - 1] == cheapest
+    # of the near-copies 0 and 1, one goes first and the other stays to the end
+    x, y = _problem(seed=1, channels=6, group=3)
+    order, _ = greedy_elimination(x.T @ x, x.T @ y, float((y ** 2).sum()), 6)
+    assert max(order.index(0), order.index(1)) == 5 and min(order.index(0), order.index(1)) < 3

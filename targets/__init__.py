@@ -79,6 +79,7 @@ class TargetProfile:
     tensorrt_major: int | None = None
     tensorrt_version: str | None = None
     workspace_mb: int | None = None  # TensorRT builder workspace
+    max_onnx_opset: int | None = None  # highest ONNX opset its TensorRT parser reads (None: no limit known)
     sources: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     unverified: tuple[str, ...] = ()  # fields taken from secondary sources
     estimated: tuple[str, ...] = ()  # fields derived by a formula (see sources / YAML comments)
@@ -133,7 +134,7 @@ FACT_FIELDS = (
     "gpu.fp32_tflops", "gpu.fp16_tflops", "gpu.int8_tops",
     "cpu.model", "cpu.cores", "cpu.clock_ghz", "cpu.fp32_tflops", "cpu.fp16_tflops", "cpu.int8_tops",
     "memory_gb", "memory_bandwidth_gbs", "dla_cores", "power_mode", "jetpack", "tensorrt_major",
-    "tensorrt_version", "supports_int8", "supports_fp16",
+    "tensorrt_version", "supports_int8", "supports_fp16", "max_onnx_opset",
 )  # fmt: skip
 
 _NESTED = {"gpu": GpuSpec, "cpu": CpuSpec}

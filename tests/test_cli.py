@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -13,11 +14,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 
 from toolchain.cli import main
 from toolchain.models import create_model
 from toolchain.stages.bundle import load_pruned_model
 from toolchain.util import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--dataset", "digits", "--model", "vgg11_bn", "--train-subset", "300", "--test-subset", "100",
         "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "64", "--rank-samples", "64",
@@ -77,6 +81,19 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
                              "--distill"], capsys)
     assert code == 0, err
     assert json.loads((bundle / "manifest.json").read_text())["metrics"]["acc_finetuned"] == m["acc_finetuned"]
+    # issue 11: the bundle is readable by others (13); resume checkpoints go once their stage is done (14)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o755
+    assert not list((tmp_path / ".work").glob("*/last.pt"))
+    assert not (tmp_path / ".lock").exists()
+    # (19) the stage keys hold the target's content, not its name: an edited profile re-measures
+    edited = tmp_path / "edited.yaml"
+    profile = yaml.safe_load((ROOT / "targets" / "jetson-orin-nano-8gb.yaml").read_text())
+    edited.write_text(yaml.safe_dump({**profile, "memory_budget_mb": 1}))
+    code, _, err = _run_cli([*TINY, "--out", str(tmp_path), "--run-name", "tiny", "--keep-ratio", "0.5",
+                             "--distill", "--target", str(edited)], capsys)
+    assert code == 0, err
+    stages = json.loads((bundle / "manifest.json").read_text())["stages"]
+    assert stages["export"] == manifest["stages"]["export"] and stages["bench"] != manifest["stages"]["bench"]
 
 
 def _device_round_trip(bundle: Path, tmp_path: Path) -> None:
@@ -95,6 +112,12 @@ def _device_round_trip(bundle: Path, tmp_path: Path) -> None:
         results.append(out)
     assert bench_main([str(bundle), str(results[0])]) == 0
     assert bench_main([str(bundle), str(results[1])]) == 0  # measured before the first merge: still this bundle
+    # issue 11, item 8: the kit run on the merged bundle (its manifest rewritten) still belongs to it
+    after = tmp_path / "device-after-merge.json"
+    proc = subprocess.run([*kit, "--precision", "fp32", "--batch-sizes", "2", "--out", str(after)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert bench_main([str(bundle), str(after)]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {row["precision"] for row in manifest["device_results"]} == {"fp32", "int8"}
     assert "device_latency.png" in (bundle / "report.html").read_text()

@@ -139,6 +139,9 @@ def test_bench_runs_with_onnxruntime(bundle: Path, tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["schema"] == "build-edge-device-result/1"
     assert result["bundle"]["manifest_sha256"] == sha256(bundle / "manifest.json")
+    files = json.loads((bundle / "manifest.json").read_text())["files"]
+    models = "\n".join(f"{rel} {files[rel]}" for rel in sorted(files) if rel.endswith(".onnx"))
+    assert result["bundle"]["models_sha256"] == hashlib.sha256(models.encode()).hexdigest()
     assert result["bundle"]["verified_files"] == len(json.loads((bundle / "manifest.json").read_text())["files"])
     assert result["backend"]["name"] == "onnxruntime"
     assert [(r["precision"], r["batch"]) for r in result["runs"]] == [("fp32", 1), ("fp32", 4), ("int8", 1),
@@ -196,7 +199,7 @@ def test_merge_device_results(bundle: Path, tmp_path: Path) -> None:
     assert len(merge_device_results(copy, [out])["results"]) == 1  # the same result twice counts once
     # a result measured on another bundle is refused
     other = json.loads(out.read_text())
-    other["bundle"]["manifest_sha256"] = "0" * 64
+    other["bundle"]["models_sha256"] = "0" * 64
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(UserError, match="another bundle"):
         merge_device_results(copy, [tmp_path / "other.json"])

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from toolchain.config import Config, base_type, build_config, load_yaml
@@ -53,6 +54,7 @@ CRITERION_FLAGS: dict[str, tuple[Any, str]] = {
     "preserve": (str, "cmi: what the selection preserves: labels (the papers') or next (the next layer's "
                       "response; adaptive kernel)"),
     "recon_weight": (str, "recon: weight of each output channel's error: loss (gradient, default), bn or none"),
+    "recon_search": (str, "recon: forward (grow the kept set) or backward (drop channels from the full set)"),
     "mipp_estimator": (str, "mipp: renyi or mlp"),
     "mipp_kernel": (str, "mipp: median (default) or paper kernel widths for the renyi estimator"),
     "repeats": (int, "mipp: repeats of each mlp estimate"),
@@ -90,7 +92,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="build-edge", description="Prune, fine-tune, export and benchmark a CNN for an edge "
-                                                    "target; writes a verified bundle.")
+                                                    "target; writes a verified bundle.",
+                     epilog="build-edge clean [--out DIR] [--keep-cache] frees what runs left behind.")
     parser.add_argument("--config", help="YAML file of options (flags override it)")
     parser.add_argument("--list-targets", action="store_true", help="print the hardware profiles and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -150,9 +153,32 @@ def _relaunch_under_torchrun(argv: list[str], devices: int) -> int:
     return subprocess.call(cmd)
 
 
+def clean_main(argv: list[str]) -> int:
+    """build-edge clean [--out DIR] [--keep-cache]: free the space runs left behind."""
+    parser = _Parser(prog="build-edge clean", description="Remove the work folders no bundle in --out refers "
+                                                          "to, half-written bundles and temporary files of "
+                                                          "killed runs, and the data cache (unless --keep-cache).")
+    parser.add_argument("--out", default=Config.out, help=f"the runs folder (default {Config.out})")
+    parser.add_argument("--keep-cache", action="store_true", help="keep the decoded-data cache (.cache)")
+    args = parser.parse_args(argv)
+    try:
+        from toolchain.pipeline import clean
+
+        removed = clean(Path(args.out), keep_cache=args.keep_cache)
+    except UserError as e:
+        sys.stderr.write(f"build-edge clean: error: {e}\n")
+        return 2
+    for path, size in removed:
+        print(f"removed {path} ({size / 1e6:.1f} MB)")
+    print(f"freed {sum(s for _, s in removed) / 1e6:.1f} MB in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["clean"]:
+        return clean_main(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     from toolchain.train import distributed as dist_utils
 

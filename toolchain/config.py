@@ -43,7 +43,7 @@ class Config:
     criterion: str = "recon"  # measured best one-shot with compensation (benchmarks/bench_quality.py)
     criterion_options: dict[str, Any] = field(default_factory=dict)
     rank_samples: int | None = None  # class-balanced training images for data-driven criteria (None: the
-    # criterion's own default: 256, the CMI papers' N; 1024 for recon, whose moments need more rows)
+    # criterion's own default, 256 (the CMI papers' N) for all of today's)
     keep_ratio: float = 0.5  # uniform fraction of channels kept per layer
     keep: dict[str, float] = field(default_factory=dict)  # per-layer: ratio (<=1) or count (>1)
     round_to: int = 1  # round kept counts to a multiple (8 suits tensor cores)
@@ -63,7 +63,7 @@ class Config:
     distill_temperature: float = 4.0
     amp: str = "auto"  # auto (bf16 on GPUs, and on CPUs with native bf16) | bf16 | off
     # export, deployable artifacts and checks
-    opset: int = 18
+    opset: int | None = None  # default: 18, or the target's max_onnx_opset where its TensorRT parses less
     parity_tolerance: float = 1e-3
     precision: str | None = None  # fp32 | fp16 | int8; default: the target's
     calibration_samples: int = 512  # class-balanced training images for INT8 calibration
@@ -79,6 +79,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# the exporters' range: the TorchScript exporter writes 13-17 (Jetson Nano's TensorRT 8.2 parses up to 13),
+# the dynamo exporter 18 and up to the newest opset the installed onnx package knows
+OPSET_MIN = 13
+OPSET_MAX = 25
+OPSET_DEFAULT = 18  # the dynamo exporter's own opset
 
 _HINTS = get_type_hints(Config)
 FIELD_NAMES = [f.name for f in fields(Config)]
@@ -186,8 +192,20 @@ def validate(cfg: Config) -> None:
         raise UserError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0.0 <= cfg.distill_alpha <= 1.0:
         raise UserError(f"distill_alpha must be in [0, 1], got {cfg.distill_alpha}")
-    if cfg.opset < 17:
-        raise UserError(f"opset must be >= 17, got {cfg.opset}")
+    if cfg.opset is not None and not OPSET_MIN <= cfg.opset <= OPSET_MAX:
+        raise UserError(f"opset must be in {OPSET_MIN}..{OPSET_MAX} (what the ONNX exporter writes), got {cfg.opset}")
+    if cfg.run_name is not None and (cfg.run_name in ("", ".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name
+                                     or cfg.run_name.startswith(".")):
+        raise UserError(f"run_name must be one folder name inside --out (no '/', not '.' or '..', not hidden), "
+                        f"got {cfg.run_name!r}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise UserError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.weight_decay < 0:
+        raise UserError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    if not cfg.parity_tolerance > 0:
+        raise UserError(f"parity_tolerance must be > 0, got {cfg.parity_tolerance}")
+    if not cfg.distill_temperature > 0:
+        raise UserError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.precision not in (None, "fp32", "fp16", "int8"):

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +27,11 @@ import torch
 from toolchain import kit
 from toolchain.allocation import allocate_for_budget
 from toolchain.compensation import compensate
-from toolchain.config import Config
+from toolchain.config import OPSET_DEFAULT, Config
 from toolchain.errors import UserError
 from toolchain.models import MODELS, create_model
 from toolchain.ranking import CRITERIA, LayerRanking, load_criteria
-from toolchain.ranking.base import default_samples
+from toolchain.ranking.base import check_options, default_samples
 from toolchain.ranking.cutoffs import parse_budget
 from toolchain.stages import baseline as baseline_stage
 from toolchain.stages import bench as bench_stage
@@ -41,13 +42,22 @@ from toolchain.stages import finetune as finetune_stage
 from toolchain.stages import prune as prune_stage
 from toolchain.stages import quantize as quantize_stage
 from toolchain.stages import rank as rank_stage
+from toolchain.stages.data import SOURCES as DATA_SOURCES
 from toolchain.stages.data import DeviceLoader, balanced_indices, count_classes, load_dataset
 from toolchain.targets import TargetProfile, load_target
 from toolchain.train import distributed as dist_utils
 from toolchain.train.engine import Recipe, evaluate, recalibrate_batchnorm
-from toolchain.util import atomic_torch_save, atomic_write_json, resolve_device, sha256_file, stable_hash
+from toolchain.util import (
+    atomic_torch_save,
+    atomic_write_json,
+    out_lock,
+    resolve_device,
+    sha256_file,
+    stable_hash,
+)
 
 log = logging.getLogger("build_edge")
+RESUME_CHECKPOINT = "last.pt"  # a training stage's per-epoch checkpoint (toolchain.train.engine.fit)
 
 
 class StageCache:
@@ -76,6 +86,7 @@ class StageCache:
             result["seconds"] = round(time.perf_counter() - started, 2)
             if dist_utils.is_main():
                 atomic_write_json(done, result)
+                (folder / RESUME_CHECKPOINT).unlink(missing_ok=True)  # only a killed stage needs it
             log.info("stage %-8s done in %.1fs", name, result["seconds"])
         dist_utils.barrier()
         if not dist_utils.is_main():
@@ -90,6 +101,7 @@ class Preflight:
     device: torch.device
     checkpoint: dict[str, torch.Tensor] | None
     num_classes: int
+    opset: int  # the ONNX opset to export: --opset, or the default within the target's limit
 
 
 def preflight(cfg: Config) -> Preflight:
@@ -99,10 +111,20 @@ def preflight(cfg: Config) -> Preflight:
     if precision not in target.precisions:
         raise UserError(f"target {target.name} does not support {precision}; it supports "
                         f"{', '.join(target.precisions)}")
+    limit = target.max_onnx_opset
+    if cfg.opset is not None and limit is not None and cfg.opset > limit:
+        raise UserError(f"opset {cfg.opset} is above what {target.name}'s TensorRT {target.tensorrt_version or ''} "
+                        f"parses (up to {limit}); use --opset {limit} or leave it out")
+    opset = cfg.opset or min(OPSET_DEFAULT, limit or OPSET_DEFAULT)
     load_criteria()
-    CRITERIA.get(cfg.criterion)
+    check_options(cfg.criterion, cfg.criterion_options)
     MODELS.get(cfg.model)
+    DATA_SOURCES.get(cfg.dataset)
     device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is not a folder")
+    bundle_stage.check_destination(out / cfg.resolved_run_name)
     if cfg.dataset == "imagefolder" and cfg.data_dir and not Path(cfg.data_dir).exists():
         raise UserError(f"data dir {cfg.data_dir} does not exist")
     num_classes = count_classes(cfg.dataset, cfg.data_dir)
@@ -111,20 +133,94 @@ def preflight(cfg: Config) -> Preflight:
     state = None
     if cfg.checkpoint:
         state = baseline_stage.read_checkpoint(cfg.checkpoint, cfg.model, num_classes)
+    model = create_model(cfg.model, num_classes=num_classes).eval()
+    example = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as e:
+        raise UserError(f"image_size {cfg.image_size} does not fit {cfg.model}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if cfg.keep:  # per-layer names must name prunable layers: check now, not after training
-        model = create_model(cfg.model, num_classes=num_classes).eval()
-        names = {layer.name for layer in prune_stage.find_prunable_layers(
-            model, torch.zeros(2, 3, cfg.image_size, cfg.image_size))}
+        names = {layer.name for layer in prune_stage.find_prunable_layers(model, example)}
         unknown = sorted(set(cfg.keep) - names)
         if unknown:
             raise UserError(f"keep: unknown layer(s) {', '.join(unknown)}; prunable layers of {cfg.model}: "
                             f"{', '.join(sorted(names))}")
-    return Preflight(target, precision, device, state, num_classes)
+    return Preflight(target, precision, device, state, num_classes, opset)
 
 
-def run_pipeline(cfg: Config) -> Path:
-    """Run every stage (or reuse its cached result) and return the bundle folder."""
-    pre = preflight(cfg)
+def run_pipeline(cfg: Config, pre: Preflight | None = None) -> Path:
+    """Run every stage (or reuse its cached result) and return the bundle folder.
+
+    One run at a time per --out (``util.out_lock``); under the lock, what a killed run left (half
+    bundles, temporary files) is removed first.
+    """
+    pre = pre or preflight(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 holds the lock for all
+        with out_lock(Path(cfg.out)):
+            remove_leftovers(Path(cfg.out))
+            return _run(cfg, pre)
+    return _run(cfg, pre)
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Half-written bundles (``.NAME.partial-*``, ``.NAME.old-*``) and temp files (``.*.tmp``) a killed run left.
+
+    Only names build-edge itself gives its temporary files are matched; call it under ``out_lock``.
+    """
+    gone = []
+    for pattern in (".*.partial-*", ".*.old-*"):
+        for path in out.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path)
+    for root in (out / ".work", out / ".cache"):
+        for path in root.rglob(".*.tmp") if root.is_dir() else ():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                gone.append(path)
+    return gone
+
+
+def clean(out: Path, *, keep_cache: bool = False) -> list[tuple[Path, int]]:
+    """``build-edge clean``: remove the stage folders under ``out/.work`` that no bundle in ``out`` refers to
+    (its manifest's ``stages``), what killed runs left (``remove_leftovers``) and, unless ``keep_cache``,
+    the decoded-data cache ``out/.cache``. Bundles and anything else in ``out`` stay. Returns (path, bytes)."""
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"--out {out} does not exist or is not a folder")
+
+    def size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+    removed: list[tuple[Path, int]] = []
+    with out_lock(out):
+        used: set[str] = set()
+        for manifest in out.glob("*/manifest.json"):
+            try:
+                info = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and info.get("tool") == "build-edge":
+                used.update(str(v) for v in (info.get("stages") or {}).values())
+        candidates = [p for p in sorted((out / ".work").iterdir()) if p.is_dir() and p.name not in used] \
+            if (out / ".work").is_dir() else []
+        if not keep_cache and (out / ".cache").is_dir():
+            candidates.append(out / ".cache")
+        for path in candidates:
+            removed.append((path, size(path)))
+            shutil.rmtree(path)
+        for path in (*out.glob(".*.partial-*"), *out.glob(".*.old-*")):
+            if path.is_dir():
+                removed.append((path, size(path)))
+        for path in (out / ".work").rglob(".*.tmp") if (out / ".work").is_dir() else ():
+            removed.append((path, size(path)))
+        remove_leftovers(out)
+    return removed
+
+
+def _run(cfg: Config, pre: Preflight) -> Path:
     dist_device = dist_utils.init_from_env(pre.device.type)
     device = dist_device or pre.device
     out = Path(cfg.out)
@@ -154,7 +250,8 @@ def run_pipeline(cfg: Config) -> Path:
         base_key = {"data": data_key, "model": cfg.model, "checkpoint": sha256_file(Path(cfg.checkpoint))}
     else:
         base_key = {"data": data_key, "model": cfg.model, "epochs": cfg.baseline_epochs, "lr": cfg.baseline_lr,
-                    "batch_size": cfg.batch_size, "wd": cfg.weight_decay, "ls": cfg.label_smoothing, "amp": cfg.amp}
+                    "momentum": cfg.momentum, "batch_size": cfg.batch_size, "wd": cfg.weight_decay,
+                    "ls": cfg.label_smoothing, "amp": cfg.amp}
 
     def do_baseline(folder: Path) -> dict[str, Any]:
         if pre.checkpoint is not None:
@@ -164,8 +261,8 @@ def run_pipeline(cfg: Config) -> Path:
         else:
             model = baseline_stage.train_baseline(
                 data, cfg.model, epochs=cfg.baseline_epochs, lr=cfg.baseline_lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing, amp=cfg.amp, device=device,
-                workdir=folder, seed=cfg.seed)
+                momentum=cfg.momentum, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+                amp=cfg.amp, device=device, workdir=folder, seed=cfg.seed)
         acc = evaluate(model, test_loader, device, desc="eval dense")
         if dist_utils.is_main():
             atomic_torch_save(model.cpu().state_dict(), folder / "model.pt")
@@ -301,14 +398,14 @@ def run_pipeline(cfg: Config) -> Path:
     pruned.eval()
 
     # export ----------------------------------------------------------------------------------
-    export_key = {"finetune": ft_digest, "opset": cfg.opset, "tol": cfg.parity_tolerance}
+    export_key = {"finetune": ft_digest, "opset": pre.opset, "tol": cfg.parity_tolerance}
 
     def do_export(folder: Path) -> dict[str, Any]:
         probe = data.normalize(data.test.images[:64])
         result: dict[str, Any] = {}
         for name, model in (("dense", dense), ("pruned", pruned)):
             path = folder / f"{name}.onnx"
-            info = export_stage.export_onnx(model, data.input_shape, path, opset=cfg.opset)
+            info = export_stage.export_onnx(model, data.input_shape, path, opset=pre.opset)
             info["parity_max_abs_diff"] = export_stage.check_parity(model, path, probe, cfg.parity_tolerance)
             result[name] = info
         images = data.normalize(data.test.images)
@@ -336,7 +433,7 @@ def run_pipeline(cfg: Config) -> Path:
 
     # engine ----------------------------------------------------------------------------------
     batch_sizes = cfg.bench_batch_sizes or sorted({1, *target.batch_sizes})
-    engine_key = {"quantize": quant_digest, "precision": pre.precision, "target": target.name,
+    engine_key = {"quantize": quant_digest, "precision": pre.precision, "target": target.to_dict(),
                   "batches": batch_sizes, "workspace": target.workspace_mb}
 
     def do_engine(folder: Path) -> dict[str, Any]:
@@ -352,7 +449,7 @@ def run_pipeline(cfg: Config) -> Path:
                 "pruned/int8": ("onnxruntime", quant_dir / "model.int8.onnx")}
     if engine.get("built"):
         variants[f"pruned-tensorrt/{pre.precision}"] = ("tensorrt", engine_dir / engine["file"])
-    bench_key = {"quantize": quant_digest, "target": target.name, "runs": cfg.bench_runs, "batches": batch_sizes,
+    bench_key = {"quantize": quant_digest, "target": target.to_dict(), "runs": cfg.bench_runs, "batches": batch_sizes,
                  "variants": sorted(variants)}
 
     def do_bench(folder: Path) -> dict[str, Any]:
@@ -405,5 +502,8 @@ def run_pipeline(cfg: Config) -> Path:
 
     return bundle_stage.write_bundle(
         out / run, cfg=cfg, target=target, data=data, metrics=metrics, files=files, extra_writers=[write_kit],
-        extra={"precision": pre.precision, "engine": {k: v for k, v in engine.items() if k != "seconds"},
+        extra={"stages": {name: folder.name for name, folder in (
+                   ("baseline", base_dir), ("rank", rank_dir), ("prune", prune_dir), ("finetune", ft_dir),
+                   ("export", export_dir), ("quantize", quant_dir), ("engine", engine_dir), ("bench", bench_dir))},
+               "precision": pre.precision, "engine": {k: v for k, v in engine.items() if k != "seconds"},
                "quantization": quantized["quantization"]})

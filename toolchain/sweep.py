@@ -16,7 +16,7 @@ from typing import Any
 
 from toolchain.config import Config, build_config
 from toolchain.errors import UserError
-from toolchain.pipeline import run_pipeline
+from toolchain.pipeline import preflight, run_pipeline
 from toolchain.stages.report import write_sweep_report
 from toolchain.util import atomic_write_json
 
@@ -74,10 +74,11 @@ def sweep_row(label: str, bundle: Path) -> dict[str, Any]:
 
 def run_sweep(base: Config, axes: dict[str, list[Any]]) -> Path:
     variants = variant_configs(base, axes)
+    checked = [preflight(cfg) for _, cfg in variants]  # every variant's input, before the first one runs
     rows = []
-    for i, (label, cfg) in enumerate(variants, 1):
+    for i, ((label, cfg), pre) in enumerate(zip(variants, checked), 1):
         log.info("sweep %d/%d: %s", i, len(variants), label)
-        rows.append(sweep_row(label, run_pipeline(cfg)))
+        rows.append(sweep_row(label, run_pipeline(cfg, pre)))
     folder = Path(base.out) / f"{base.resolved_run_name}--sweep"
     atomic_write_json(folder / "sweep.json", {"axes": axes, "base_config": dataclasses.asdict(base), "rows": rows})
     notes = [f"{len(rows)} variants of {base.model} on {base.dataset} from one baseline, swept over "

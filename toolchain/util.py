@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,17 +35,65 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """``torch.save`` atomically and byte-reproducibly.
+
+    torch names the archive's root folder after the file it writes to, so saving to a random temp
+    name would put that name inside the file; saving to memory names it ``archive`` every time.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+@contextlib.contextmanager
+def out_lock(folder: Path):
+    """Hold ``folder/.lock`` (PID and host) for a run; a live holder is a UserError, a dead one's lock is taken over.
+
+    Two runs into one --out would otherwise both compute every stage and race on the bundle rename.
+    """
+    from toolchain.errors import UserError
+
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if the run writes nothing
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder.get("host", ""))
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = None, None, ""
+            if pid is not None and (host not in ("", me["host"]) or _alive(pid)):
+                raise UserError(f"{folder} is in use by another build-edge run (pid {pid} on {host or 'this host'}); "
+                                f"wait for it, or delete {lock} if that process is gone") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise UserError(f"could not take {lock}")
     try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+        for path in created:  # deepest first; a folder holding anything stays
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sha256_file(path: Path) -> str:

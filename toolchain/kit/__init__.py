@@ -9,8 +9,10 @@ manifest covers it. ``merge_device_results`` folds ``bench_on_device.py`` result
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import stat
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -187,14 +189,52 @@ def _load_result(path: Path) -> dict[str, Any]:
     runs = data.get("runs")
     if not isinstance(runs, list) or not runs:
         raise UserError(f"{path} has no benchmark runs")
-    for run in runs:
+    for i, run in enumerate(runs):
+        where = f"{path}: runs[{i}]"
         if not isinstance(run, dict) or not {"precision", "batch", "latency_ms"} <= set(run):
-            raise UserError(f"{path}: a run lacks precision, batch or latency_ms")
-        if not {"p50", "p90", "p99"} <= set(run["latency_ms"]):
-            raise UserError(f"{path}: a run lacks latency percentiles")
-    if not isinstance(data.get("bundle"), dict) or "manifest_sha256" not in data["bundle"]:
+            raise UserError(f"{where} lacks precision, batch or latency_ms")
+        if run["precision"] not in ("fp32", "fp16", "int8"):
+            raise UserError(f"{where}.precision must be fp32, fp16 or int8, got {run['precision']!r}")
+        if isinstance(run["batch"], bool) or not isinstance(run["batch"], int) or run["batch"] < 1:
+            raise UserError(f"{where}.batch must be a positive integer, got {run['batch']!r}")
+        latency = run["latency_ms"]
+        if not isinstance(latency, dict) or not {"p50", "p90", "p99"} <= set(latency):
+            raise UserError(f"{where}.latency_ms must be a mapping with p50, p90 and p99, got {latency!r}")
+        for key in ("p50", "p90", "p99"):
+            _check_number(f"{where}.latency_ms.{key}", latency[key])
+        for key in ("throughput_ips",):
+            if run.get(key) is not None:
+                _check_number(f"{where}.{key}", run[key])
+        if run.get("memory") is not None and not isinstance(run["memory"], dict):
+            raise UserError(f"{where}.memory must be a mapping, got {run['memory']!r}")
+    for key in ("device", "power", "backend"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise UserError(f"{path}: {key} must be a mapping, got {data[key]!r}")
+    bundle = data.get("bundle")
+    if not isinstance(bundle, dict) or not isinstance(bundle.get("models_sha256", bundle.get("manifest_sha256")), str):
         raise UserError(f"{path} does not say which bundle it measured")
     return data
+
+
+def _check_number(where: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UserError(f"{where} must be a finite number >= 0, got {value!r}")
+
+
+def bundle_identity(files: Mapping[str, str]) -> str:
+    """The sha256 over a bundle's model files (the kit's own rule, so both sides agree)."""
+    return _kit_script().models_sha256(dict(files))
+
+
+@functools.cache
+def _kit_script():
+    import importlib.util
+
+    path = resources.files("toolchain.kit") / "templates" / "bench_on_device.py"
+    spec = importlib.util.spec_from_file_location("build_edge_bench_on_device", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _summary_row(result: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,21 +271,29 @@ def merge_device_results(bundle_dir: Path, result_json_paths: Sequence[Path], *,
     if not result_json_paths:
         raise UserError("no device result given")
     manifest_sha = build_sha256 or _sha256(manifest)
+    try:
+        models_sha = bundle_identity(json.loads(manifest.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{manifest} has no 'files' table of sha256 sums") from None
     out_path = bundle_dir / RESULTS_FILE
-    merged: dict[str, Any] = {"schema": RESULTS_SCHEMA, "manifest_sha256": manifest_sha, "results": []}
+    merged: dict[str, Any] = {"schema": RESULTS_SCHEMA, "models_sha256": models_sha, "results": []}
     if out_path.is_file():
         try:
             previous = json.loads(out_path.read_text(encoding="utf-8"))
-            if previous.get("schema") == RESULTS_SCHEMA and previous.get("manifest_sha256") == manifest_sha:
+            if previous.get("schema") == RESULTS_SCHEMA and models_sha in (previous.get("models_sha256"),
+                                                                            previous.get("manifest_sha256")):
                 merged["results"] = list(previous.get("results", []))
         except (OSError, ValueError, AttributeError):
             pass  # a damaged table is rebuilt from the results given now
     seen = {r.get("result_sha256") for r in merged["results"]}
     for path in result_json_paths:
         data = _load_result(Path(path))
-        if data["bundle"]["manifest_sha256"] != manifest_sha:
-            raise UserError(f"{path} was measured on another bundle (its manifest sha256 "
-                            f"{str(data['bundle']['manifest_sha256'])[:12]}... is not {manifest_sha[:12]}...)")
+        # the model files identify the bundle (merges rewrite manifest and report); older kits sent the manifest's sum
+        measured = data["bundle"].get("models_sha256")
+        if measured is None and data["bundle"].get("manifest_sha256") == manifest_sha:
+            measured = models_sha
+        if measured != models_sha:
+            raise UserError(f"{path} was measured on another bundle (its model files differ from {bundle_dir}'s)")
         digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
         if digest in seen:
             continue

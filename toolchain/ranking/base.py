@@ -2,12 +2,14 @@
 
 A criterion is a callable ``criterion(ctx: RankContext) -> dict[layer_name, LayerRanking]``
 registered in ``CRITERIA``. It knows nothing about surgery (toolchain.stages.prune) or about
-when pruning happens (toolchain.pipeline).
+when pruning happens (toolchain.pipeline). It owns its options: ``fn.option_names`` lists the
+ones it reads and ``fn.parse_options(options)`` checks them (a one-line UserError), so that the
+run's preflight can refuse a bad or foreign option before anything is trained or written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,3 +63,19 @@ DEFAULT_SAMPLES = 256  # the CMI papers' N; a criterion may set ``fn.default_sam
 def default_samples(name: str) -> int:
     """Class-balanced images the criterion ``name`` sees when the run does not say."""
     return int(getattr(CRITERIA.get(name), "default_samples", DEFAULT_SAMPLES))
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse options criterion ``name`` does not read (naming the criteria that do) or that its parser rejects."""
+    from toolchain.errors import UserError
+
+    fn = CRITERIA.get(name)
+    takes = tuple(getattr(fn, "option_names", ()))
+    for key in sorted(set(options) - set(takes)):
+        others = [n for n in CRITERIA.names() if key in getattr(CRITERIA.get(n), "option_names", ())]
+        where = f"; it is an option of {', '.join(others)}" if others else ""
+        reads = f" (it reads {', '.join(takes)})" if takes else " (it takes no options)"
+        raise UserError(f"criterion {name} does not take option {key}{reads}{where}")
+    parse = getattr(fn, "parse_options", None)
+    if parse is not None:
+        parse(dict(options))

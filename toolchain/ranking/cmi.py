@@ -772,4 +772,6 @@ def cmi_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
     return _Engine(ctx, parse_options(ctx.options)).run()
 
 
+cmi_criterion.option_names = _KEYS  # type: ignore[attr-defined]
+cmi_criterion.parse_options = parse_options  # type: ignore[attr-defined]
 cmi_criterion.reads_keep_ratio = True  # type: ignore[attr-defined]  (cutoff "ratio": part of the rank key)

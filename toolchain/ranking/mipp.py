@@ -821,3 +821,7 @@ def mipp_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
         out[name].info["processing_order"] = list(processed)
         out[name].info["total_seconds"] = round(total, 3)
     return {layer.name: out[layer.name] for layer in layers}  # network order
+
+
+mipp_criterion.option_names = _KEYS  # type: ignore[attr-defined]
+mipp_criterion.parse_options = parse_options  # type: ignore[attr-defined]  (layer names are checked when ranking)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,20 +17,28 @@ from toolchain.train import distributed as dist_utils
 from toolchain.train.engine import Recipe, fit
 
 
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, whole, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+
+
 def read_checkpoint(path: str | Path, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
     """A state dict from `path`, verified to load strictly into `model_name`; UserError otherwise."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"checkpoint {p} is a folder, not a state-dict file")
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {p} is not weights-only loadable (it pickles code, refused for safety): "
-                        f"{first[:200]}") from None
+        with warnings.catch_warnings():  # torch warns about legacy (plain pickle) files: the error below says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"checkpoint {p} is not weights-only loadable: it pickles code or objects other than "
+                        f"tensors (refused for safety); save it with torch.save(model.state_dict(), path)") from None
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"checkpoint {p} could not be read: {type(e).__name__}: {first}") from None
+        raise UserError(f"checkpoint {p} could not be read: {type(e).__name__}: {_first_line(e)}") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -58,14 +68,16 @@ def read_checkpoint(path: str | Path, model_name: str, num_classes: int) -> dict
 
 
 def train_baseline(data: Dataset, model_name: str, *, epochs: int, lr: float, batch_size: int, weight_decay: float,
-                   label_smoothing: float, amp: str, device: torch.device, workdir: Path, seed: int) -> nn.Module:
+                   label_smoothing: float, amp: str, device: torch.device, workdir: Path, seed: int,
+                   momentum: float = 0.9) -> nn.Module:
     """Train the dense model from scratch with the same recipe as fine-tuning (resumable)."""
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=data.num_classes).to(device, memory_format=torch.channels_last)
     train = DeviceLoader(data.train, data, batch_size, device, shuffle=True, augment=True, seed=seed,
                          channels_last=True, rank=dist_utils.rank(), world=dist_utils.world_size())
     test = DeviceLoader(data.test, data, 512, device, channels_last=True)
-    recipe = Recipe(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing, amp=amp,
+    recipe = Recipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    label_smoothing=label_smoothing, amp=amp,
                     warmup_steps=len(train))  # one epoch of warm-up from scratch
     fit(dist_utils.wrap(model, device), train, test, device, recipe, workdir, desc="baseline")
     return model

@@ -35,13 +35,32 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def check_destination(dest: Path) -> None:
+    """Refuse to replace ``dest`` unless it is absent or a build-edge bundle (its manifest says so)."""
+    from toolchain.errors import UserError
+
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    manifest = dest / "manifest.json"
+    try:
+        tool = json.loads(manifest.read_text()).get("tool") if dest.is_dir() and manifest.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        tool = None
+    if tool != "build-edge":
+        raise UserError(f"{dest} exists and is not a build-edge bundle (no manifest.json of build-edge): "
+                        f"refusing to replace it; choose another --run-name or --out")
+
+
 def write_bundle(dest: Path, *, cfg: Config, target, data: Dataset, metrics: dict[str, Any],
                  files: dict[str, Path], extra_writers=(), extra: dict[str, Any] | None = None) -> Path:
     """Assemble the bundle at `dest` atomically. `extra_writers` are callables(folder) adding files."""
     dest = Path(dest)
+    check_destination(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700: a bundle is for others (a web server, a device) to read
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

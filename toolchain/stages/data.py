@@ -8,6 +8,7 @@ crop, horizontal flip) runs on whole batches on the training device.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -99,9 +100,13 @@ def _cifar10(data_dir: str | None, image_size: int) -> Raw:
 
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)  # offline machines should fail fast, not hang
+        created = [p for p in (root, *root.parents) if not p.exists()]  # what the download would create
         try:  # torchvision's real download path for online users
             CIFAR10(str(root), train=True, download=True)
         except Exception as e:  # noqa: BLE001 - offline: any network error means the same to the user
+            for folder in created:  # the failed download leaves only the empty folders it made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise UserError(f"CIFAR-10 not found in {root} and the download failed ({type(e).__name__}); "
                             f"{CIFAR10_HELP}") from None
         finally:
@@ -136,7 +141,13 @@ def _imagefolder(data_dir: str | None, image_size: int) -> Raw:
         classes = folder.classes
 
         def decode(path: str, loader=folder.loader) -> torch.Tensor:
-            img = torch.from_numpy(np.array(loader(path), dtype=np.uint8)).permute(2, 0, 1)
+            try:
+                pixels = np.array(loader(path), dtype=np.uint8)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated or damaged files
+                raise UserError(f"{path} is not a readable image ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); "
+                                f"fix or remove it") from None
+            img = torch.from_numpy(pixels).permute(2, 0, 1)
             return _resize_u8(img[None], image_size)[0]
 
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +70,19 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: Path,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
-                                    output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
-        program.save(tmp)
+        if opset >= 18:
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
+                                        output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
+            program.save(tmp)
+        else:  # the dynamo exporter writes 18+ (its down-conversion fails silently): TorchScript covers 13-17
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset, input_names=["input"],
+                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         proto = onnx.load(tmp)
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:
+            raise BuildError(f"the ONNX exporter wrote opset {written} instead of the requested {opset}")
         simplified = False
         if simplify:
             import onnxsim

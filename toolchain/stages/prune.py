@@ -84,13 +84,16 @@ def find_prunable_layers(model: nn.Module, example: torch.Tensor,
         shapes[names[mod]] = tuple(out.shape[-2:])
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    modes = {m: m.training for m in model.modules()}  # the caller's train/eval state, restored below
     try:
         with torch.no_grad():
             model.eval()(example[:1])
+        graph = graph or _build_graph(model, example)
     finally:
         for h in handles:
             h.remove()
-    graph = graph or _build_graph(model, example)
+        for m, training in modes.items():
+            m.training = training
     modules = dict(model.named_modules())
     layers = []
     for name in order:  # execution order

@@ -76,7 +76,18 @@ def verify_bundle(bundle: Path) -> dict:
         shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise BenchError(f"bundle check failed: {len(problems)} of {len(files)} files differ from manifest.json: "
                          f"{shown}; copy the bundle again")
-    return {"manifest_sha256": sha256_file(manifest_path), "verified_files": len(files)}
+    return {"manifest_sha256": sha256_file(manifest_path), "models_sha256": models_sha256(files),
+            "verified_files": len(files)}
+
+
+MODEL_SUFFIXES = (".onnx", ".engine", ".plan", ".pt", ".cache")  # what a merge of results never rewrites
+
+
+def models_sha256(files: dict) -> str:
+    """The bundle's identity: one sha256 over its model files' sums (report and manifest change with merges)."""
+    lines = [f"{rel} {str(digest).lower()}" for rel, digest in sorted(files.items())
+             if rel.endswith(MODEL_SUFFIXES) or rel == "architecture.json"]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 # -- device facts -----------------------------------------------------------------------------------------

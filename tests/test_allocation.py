@@ -10,6 +10,7 @@ from tiny_models import Tiny
 
 from toolchain.allocation import allocate, layer_sensitivity, sensitivity_curve
 from toolchain.compensation import compensate
+from toolchain.errors import UserError
 from toolchain.ranking import CRITERIA, RankContext, load_criteria
 from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs
 from toolchain.stages.prune import consumer_outputs, find_prunable_layers, kept_indices, prune_model
@@ -45,6 +46,22 @@ def test_sensitivity_curve_is_monotone_and_interpolates():
     assert np.all(np.diff(curve) <= 1e-12)  # never less damage with fewer channels
     assert curve[4] == pytest.approx(0.2)  # the non-monotone 0.25 point is lifted to the 0.5 one
     assert curve[6] == pytest.approx(0.1)  # halfway between 4 and 8 channels
+    # below the smallest probe (0.25 of 8 = 2 channels here) nothing was measured: no allocation goes there
+    curve = sensitivity_curve([[1.0, 0.0], [0.5, 0.1], [0.25, 0.1]], 8)
+    assert np.isinf(curve[:2]).all() and np.isfinite(curve[2:]).all()
+
+
+def test_allocation_stays_where_the_sensitivity_was_measured():
+    """A layer flat down to its smallest probe is not pushed below it (the flops=0.2 VGG16 bug: 1 of 512 kept)."""
+    channels = [10, 10]
+    flat = sensitivity_curve([[1.0, 0.0], [0.5, 0.001], [0.2, 0.001]], 10)  # cheap to cut, measured to 2
+    steep = sensitivity_curve([[1.0, 0.0], [0.5, 1.0], [0.1, 5.0]], 10)
+    coupled, out_only, producer = [0.0, 0.0], [100.0, 100.0], [None, None]
+    keep = allocate_budget([flat, steep], channels, coupled, out_only, producer, 0.3)
+    assert keep[0] == 2  # down to its floor, not to 1
+    assert budget_cost(keep, channels, coupled, out_only, producer) <= 0.3 + 1e-9
+    with pytest.raises(UserError, match="cannot be met"):
+        allocate_budget([flat, steep], channels, coupled, out_only, producer, 0.05)
 
 
 @pytest.mark.parametrize("step", [1, 2, 4])

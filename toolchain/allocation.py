@@ -13,7 +13,8 @@ the allocation here works for every criterion and measures what matters:
    network's output from the dense output on held-out training images (no test data). Without
    compensation BN statistics are re-estimated instead.
 2. *Allocation*: sensitivity between the measured fractions is interpolated (piecewise
-   linear, made monotone), layers are assumed to add up, and channels are dropped greedily,
+   linear, made monotone; no layer goes below its smallest measured fraction), layers are
+   assumed to add up, and channels are dropped greedily,
    ``round_to`` at a time, from the layer whose next drop costs the least sensitivity per unit
    of budget saved (``toolchain.ranking.cutoffs.allocate_budget``: its cost model counts a
    layer's FLOPs against both its own kept outputs and its producer's kept inputs), until the
@@ -82,7 +83,8 @@ def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], ranking
 
 
 def sensitivity_curve(points: Sequence[Sequence[float]], channels: int) -> np.ndarray:
-    """Damage when keeping k = 0..C channels (length C + 1, non-increasing in k), interpolated."""
+    """Damage when keeping k = 0..C channels (length C + 1, non-increasing in k), interpolated; ``inf`` below
+    the smallest kept count that was measured."""
     pts = sorted((float(f) * channels, float(v)) for f, v in points)
     ks = np.array([p[0] for p in pts])
     vs = np.array([p[1] for p in pts])
@@ -90,11 +92,11 @@ def sensitivity_curve(points: Sequence[Sequence[float]], channels: int) -> np.nd
     vs = np.maximum.accumulate(vs[::-1])[::-1]
     grid = np.arange(channels + 1, dtype=np.float64)
     curve = np.interp(grid, ks, vs)
-    below = grid < ks[0]  # below the smallest probe: extrapolate the last slope
-    if below.any() and len(ks) > 1:
-        slope = (vs[0] - vs[1]) / max(ks[1] - ks[0], 1e-9)
-        curve[below] = vs[0] + slope * (ks[0] - grid[below])
-    return np.maximum.accumulate(curve[::-1])[::-1]
+    # below the smallest probe nothing was measured: the allocator must not go there. Extrapolating the
+    # last slope let a layer whose damage was flat from 25% to 10% kept fall to 1 of 512 channels on the
+    # shared VGG16 (flops=0.2: 18.1% top-1 instead of 85%)
+    curve[grid < ks[0] - 1e-9] = np.inf
+    return curve
 
 
 def allocate(layers: Sequence[PrunableLayer], sensitivity: dict[str, list[list[float]]], budget: Budget, *,

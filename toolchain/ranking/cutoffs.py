@@ -326,7 +326,9 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
         raise ValueError("allocate_budget: one curve, cost and producer per layer")
     if not 0 < fraction <= 1:
         raise UserError(f"budget fraction must be in (0, 1], got {fraction}")
-    cs = [_curve(c) for c in curves]
+    cs = [np.asarray(c, dtype=np.float64).ravel() for c in curves]  # +inf marks counts not to go to
+    if any(np.isnan(c).any() for c in cs):
+        raise ValueError("allocate_budget: curves must not hold NaN")
     for c, ch in zip(cs, channels):
         if len(c) != ch + 1:
             raise ValueError("allocate_budget: curve i needs C_i + 1 points")
@@ -364,11 +366,14 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
             if saving <= 0:
                 continue
             gain = cs[i][keep[i] - m] - cs[i][keep[i]]
+            if not math.isfinite(gain):  # an unmeasured (infinite-damage) count: not a move
+                continue
             key = (gain / saving, -saving, i)
             if best_key is None or key < best_key:
                 best, best_key = i, key
         if best is None:
-            raise UserError(f"budget {fraction:g} cannot be met with at least {min_keep} channel(s) per layer")
+            raise UserError(f"budget {fraction:g} cannot be met with at least {min_keep} channel(s) per layer "
+                            f"and no layer cut below what its sensitivity curve covers")
         keep[best] -= drop(best)
         total = sum(cost(i) for i in range(n))
     return keep

@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--compensation", default="none,lstsq", help="comma-separated: none, lstsq")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=None, help="ranking images (default: the criterion's own)")
-    ap.add_argument("--compensation-samples", type=int, default=1024)
+    ap.add_argument("--compensation-samples", type=int, default=2048, help="images for the refit (the build-edge default)")
     ap.add_argument("--bn-images", type=int, default=2000)
     ap.add_argument("--test-images", type=int, default=10000, help="class-balanced test subset (10000 = all)")
     ap.add_argument("--seed", type=int, default=0)
@@ -95,8 +95,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
-    done = {(r["criterion"], r["seed"], r["setting"], r["compensation"], r.get("rank_samples"))
-            for r in results["runs"]}
+    def fitted(mode: str) -> int | None:  # compensation images of a run (None: no compensation)
+        return args.compensation_samples if mode == "lstsq" else None
+
+    done = {(r["criterion"], r["seed"], r["setting"], r["compensation"], r["rank_samples"],
+             r.get("compensation_samples")) for r in results["runs"]}
 
     data = load_data()
     test = data.test if args.test_images >= len(data.test) else data.test.subset(
@@ -136,7 +139,7 @@ def main() -> None:
         seeds = range(args.seed, args.seed + (args.random_seeds if name == "random" else 1))
         for seed in seeds:
             samples = args.samples or default_samples(name)
-            todo = [(s, m) for s in settings for m in modes if (spec, seed, s, m, samples) not in done]
+            todo = [(s, m) for s in settings for m in modes if (spec, seed, s, m, samples, fitted(m)) not in done]
             if not todo:
                 continue
             stem = spec.replace(":", "_").replace("=", "-")
@@ -182,11 +185,12 @@ def main() -> None:
                 flops_p, params_p = count_flops_params(pruned, data.input_shape)
                 run = {"criterion": spec, "seed": seed, "setting": setting, "compensation": mode, "acc": acc,
                        "flops_ratio": flops_p / flops_d, "params_ratio": params_p / params_d,
-                       "kept_counts": counts, "rank_samples": samples, "rank_seconds": round(rank_s, 1),
+                       "kept_counts": counts, "rank_samples": samples, "compensation_samples": fitted(mode),
+                       "rank_seconds": round(rank_s, 1),
                        "compensation_seconds": None if comp_s is None else round(comp_s, 1),
                        "allocation_seconds": alloc_s, "seconds": round(time.perf_counter() - t1, 1)}
                 results["runs"].append(run)
-                done.add((spec, seed, setting, mode, samples))
+                done.add((spec, seed, setting, mode, samples, fitted(mode)))
                 save()
                 print(f"  {setting:<12} {mode:<5} acc {acc:.2%}  FLOPs {flops_p / flops_d:.1%}"
                       + (f"  comp {comp_s:.0f}s" if comp_s else "") + (f"  alloc {alloc_s:.0f}s" if alloc_s else ""),
@@ -202,11 +206,14 @@ def markdown(results: dict) -> str:
         return (kind != "uniform", float(value) if kind == "uniform" else -float(value))
 
     settings = sorted(dict.fromkeys(r["setting"] for r in runs), key=setting_order)
-    modes = [m for m in ("none", "lstsq") if any(r["compensation"] == m for r in runs)]
+    def mode(r: dict) -> str:
+        return "none" if r["compensation"] == "none" else f"lstsq {r['compensation_samples']}"
+
+    modes = sorted(dict.fromkeys(mode(r) for r in runs), key=lambda m: (m != "none", len(m), m))
     rows = list(dict.fromkeys((r["criterion"], r["rank_samples"]) for r in runs))
     head = ["criterion", "N"] + [f"{s} {m}" for s in settings for m in modes]
     lines = [f"Dense: {results['dense_acc']:.2%} on {results['test_images']} test images. "
-             f"Top-1 after the cut, no gradient step (BN re-estimated; `lstsq` = compensation first). "
+             f"Top-1 after the cut, no gradient step (BN re-estimated; `lstsq M` = compensation on M images first). "
              f"N: ranking images. Budget columns give the FLOPs kept in brackets; `uniform:0.368` and "
              f"`uniform:0.553` are the uniform cuts with the FLOPs of `flops:0.4` and `flops:0.2`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -215,7 +222,7 @@ def markdown(results: dict) -> str:
         for s in settings:
             for m in modes:
                 rs = [r for r in runs if (r["criterion"], r["rank_samples"]) == (c, n) and r["setting"] == s
-                      and r["compensation"] == m]
+                      and mode(r) == m]
                 if not rs:
                     row.append("")
                     continue

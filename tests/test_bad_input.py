@@ -321,3 +321,24 @@ def test_20_the_target_bounds_the_opset(tmp_path, capsys):
     assert preflight(build_config({}, {**base, "target": "jetson-xavier-nx"})).opset == 17
     assert preflight(build_config({}, {**base, "target": "x86-cpu"})).opset == 18
     assert preflight(build_config({}, {**base, "target": "jetson-nano", "opset": 13})).opset == 13
+
+
+def test_19_the_baseline_key_holds_the_momentum(tmp_path, monkeypatch):
+    """Stop each run at its baseline stage and compare the keys: --momentum must change it."""
+    from toolchain import pipeline
+
+    keys = []
+
+    class Stop(Exception):
+        pass
+
+    def record(self, name, key, fn, **kw):
+        keys.append(key)
+        raise Stop
+
+    monkeypatch.setattr(pipeline.StageCache, "run", record)
+    for momentum in ("0.9", "0.8"):
+        with pytest.raises(Stop):
+            main([*TINY, "--out", str(tmp_path / "out"), "--momentum", momentum])
+    assert keys[0] != keys[1]
+    assert not (tmp_path / "out" / ".lock").exists()

@@ -76,7 +76,12 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
         np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-3)
     assert not list(tmp_path.glob(".tiny.partial-*"))
     _device_round_trip(bundle, tmp_path)
-    # re-running with the same config reuses every stage and rewrites the same bundle
+    # re-running with the same config reuses every stage and rewrites the same bundle; it first removes what a
+    # killed run left (issue 11, item 14): a half-written bundle and a temporary file of an atomic write
+    (tmp_path / ".tiny.partial-99999").mkdir()
+    (tmp_path / ".tiny.partial-99999" / "model.onnx").write_text("half")
+    stale_tmp = next((tmp_path / ".work").glob("rank-*")) / ".rankings.json.abc123.tmp"
+    stale_tmp.write_text("half")
     code, _, err = _run_cli([*TINY, "--out", str(tmp_path), "--run-name", "tiny", "--keep-ratio", "0.5",
                              "--distill"], capsys)
     assert code == 0, err
@@ -84,6 +89,7 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
     # issue 11: the bundle is readable by others (13); resume checkpoints go once their stage is done (14)
     assert stat.S_IMODE(bundle.stat().st_mode) == 0o755
     assert not list((tmp_path / ".work").glob("*/last.pt"))
+    assert not (tmp_path / ".tiny.partial-99999").exists() and not stale_tmp.exists()
     assert not (tmp_path / ".lock").exists()
     # (19) the stage keys hold the target's content, not its name: an edited profile re-measures
     edited = tmp_path / "edited.yaml"

@@ -43,7 +43,7 @@ from bench_mipp import load_data  # noqa: E402  (the sibling script: one way to 
 from toolchain.allocation import allocate, layer_sensitivity  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
-from toolchain.ranking import load_criteria  # noqa: E402
+from toolchain.ranking import CRITERIA, load_criteria  # noqa: E402
 from toolchain.ranking.base import LayerRanking, default_samples  # noqa: E402
 from toolchain.ranking.cutoffs import parse_budget  # noqa: E402
 from toolchain.stages.data import DeviceLoader, balanced_indices  # noqa: E402
@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--compensation", default="none,lstsq", help="comma-separated: none, lstsq")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=None, help="ranking images (default: the criterion's own)")
-    ap.add_argument("--compensation-samples", type=int, default=2048, help="images for the refit (the build-edge default)")
+    ap.add_argument("--compensation-samples", type=int, default=2048,
+                    help="images for the refit (the build-edge default)")
     ap.add_argument("--bn-images", type=int, default=2000)
     ap.add_argument("--test-images", type=int, default=10000, help="class-balanced test subset (10000 = all)")
     ap.add_argument("--seed", type=int, default=0)
@@ -139,11 +140,16 @@ def main() -> None:
         seeds = range(args.seed, args.seed + (args.random_seeds if name == "random" else 1))
         for seed in seeds:
             samples = args.samples or default_samples(name)
+            # a criterion that cuts at the run's keep ratio (cmi's "ratio" cutoff) gets the first uniform setting's
+            uniform = [1 - float(s.partition(":")[2]) for s in settings if s.startswith("uniform:")]
+            keep_ratio = (uniform[0] if uniform else 0.5) if getattr(CRITERIA.get(name), "reads_keep_ratio", False) \
+                else None
             todo = [(s, m) for s in settings for m in modes if (spec, seed, s, m, samples, fitted(m)) not in done]
             if not todo:
                 continue
             stem = spec.replace(":", "_").replace("=", "-")
-            cached = out / "rankings" / f"{stem}-seed{seed}-n{samples}.json"
+            cached = out / "rankings" / (f"{stem}-seed{seed}-n{samples}"
+                                         + (f"-keep{keep_ratio:g}" if keep_ratio is not None else "") + ".json")
             if cached.exists():  # a later invocation (other settings) reuses the ranking and its time
                 saved = json.loads(cached.read_text())
                 rankings = {k: LayerRanking(**v) for k, v in saved["rankings"].items()}
@@ -151,7 +157,7 @@ def main() -> None:
             else:
                 t0 = time.perf_counter()
                 rankings = rank_channels(dense, layers, data, criterion=name, options=options,
-                                         samples=args.samples, seed=seed, device=device)
+                                         samples=args.samples, seed=seed, device=device, keep_ratio=keep_ratio)
                 rank_s = time.perf_counter() - t0
                 cached.parent.mkdir(exist_ok=True)
                 cached.write_text(json.dumps({"seconds": rank_s, "rankings": {k: r.__dict__ for k, r in

@@ -15,23 +15,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_kit import bundle  # noqa: F401, E402  (the kit's small bundle, a module fixture)
+from test_cli import TINY
+from test_cli import _run_cli as _run
+from test_kit import bundle  # noqa: F401  (the kit's small bundle, a module fixture)
 
 from toolchain.cli import main
-
-TINY = ["--dataset", "digits", "--model", "vgg11_bn", "--train-subset", "300", "--test-subset", "100",
-        "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "64", "--rank-samples", "64",
-        "--bn-recalibration", "128", "--bench-runs", "20", "--bench-batch-sizes", "1", "--calibration-samples", "64",
-        "--quiet"]
-
-
-def _run(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _refused(capsys, args, needle, *, untouched=()):

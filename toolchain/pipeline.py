@@ -164,23 +164,29 @@ def run_pipeline(cfg: Config, pre: Preflight | None = None) -> Path:
     return _run(cfg, pre)
 
 
-def remove_leftovers(out: Path) -> list[Path]:
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _remove(path: Path) -> tuple[Path, int]:
+    size = _size(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return path, size
+
+
+def remove_leftovers(out: Path) -> list[tuple[Path, int]]:
     """Half-written bundles (``.NAME.partial-*``, ``.NAME.old-*``) and temp files (``.*.tmp``) a killed run left.
 
     Only names build-edge itself gives its temporary files are matched; call it under ``out_lock``.
+    Returns (path, bytes) of what went.
     """
-    gone = []
-    for pattern in (".*.partial-*", ".*.old-*"):
-        for path in out.glob(pattern):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-                gone.append(path)
-    for root in (out / ".work", out / ".cache"):
-        for path in root.rglob(".*.tmp") if root.is_dir() else ():
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                gone.append(path)
-    return gone
+    found = [p for pattern in (".*.partial-*", ".*.old-*") for p in out.glob(pattern) if p.is_dir()]
+    found += [p for root in (out / ".work", out / ".cache") if root.is_dir() for p in root.rglob(".*.tmp")
+              if p.is_file()]
+    return [_remove(p) for p in found]
 
 
 def clean(out: Path, *, keep_cache: bool = False) -> list[tuple[Path, int]]:
@@ -190,12 +196,8 @@ def clean(out: Path, *, keep_cache: bool = False) -> list[tuple[Path, int]]:
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"--out {out} does not exist or is not a folder")
-
-    def size(path: Path) -> int:
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-    removed: list[tuple[Path, int]] = []
     with out_lock(out):
+        removed = remove_leftovers(out)
         used: set[str] = set()
         for manifest in out.glob("*/manifest.json"):
             try:
@@ -204,19 +206,11 @@ def clean(out: Path, *, keep_cache: bool = False) -> list[tuple[Path, int]]:
                 continue
             if isinstance(info, dict) and info.get("tool") == "build-edge":
                 used.update(str(v) for v in (info.get("stages") or {}).values())
-        candidates = [p for p in sorted((out / ".work").iterdir()) if p.is_dir() and p.name not in used] \
-            if (out / ".work").is_dir() else []
+        work = out / ".work"
+        unused = [p for p in sorted(work.iterdir()) if p.is_dir() and p.name not in used] if work.is_dir() else []
         if not keep_cache and (out / ".cache").is_dir():
-            candidates.append(out / ".cache")
-        for path in candidates:
-            removed.append((path, size(path)))
-            shutil.rmtree(path)
-        for path in (*out.glob(".*.partial-*"), *out.glob(".*.old-*")):
-            if path.is_dir():
-                removed.append((path, size(path)))
-        for path in (out / ".work").rglob(".*.tmp") if (out / ".work").is_dir() else ():
-            removed.append((path, size(path)))
-        remove_leftovers(out)
+            unused.append(out / ".cache")
+        removed += [_remove(p) for p in unused]
     return removed
 
 

@@ -65,8 +65,8 @@ def out_lock(folder: Path):
             try:
                 holder = json.loads(lock.read_text())
                 pid, host = int(holder["pid"]), str(holder.get("host", ""))
-            except (OSError, ValueError, KeyError, TypeError):
-                holder, pid, host = None, None, ""
+            except (OSError, ValueError, KeyError, TypeError):  # unreadable: treated as stale
+                pid, host = None, ""
             if pid is not None and (host not in ("", me["host"]) or _alive(pid)):
                 raise UserError(f"{folder} is in use by another build-edge run (pid {pid} on {host or 'this host'}); "
                                 f"wait for it, or delete {lock} if that process is gone") from None
@@ -88,11 +88,11 @@ def out_lock(folder: Path):
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence check only (PermissionError: alive, another user's)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

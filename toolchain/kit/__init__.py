@@ -202,9 +202,8 @@ def _load_result(path: Path) -> dict[str, Any]:
             raise UserError(f"{where}.latency_ms must be a mapping with p50, p90 and p99, got {latency!r}")
         for key in ("p50", "p90", "p99"):
             _check_number(f"{where}.latency_ms.{key}", latency[key])
-        for key in ("throughput_ips",):
-            if run.get(key) is not None:
-                _check_number(f"{where}.{key}", run[key])
+        if run.get("throughput_ips") is not None:
+            _check_number(f"{where}.throughput_ips", run["throughput_ips"])
         if run.get("memory") is not None and not isinstance(run["memory"], dict):
             raise UserError(f"{where}.memory must be a mapping, got {run['memory']!r}")
     for key in ("device", "power", "backend"):

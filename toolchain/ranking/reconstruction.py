@@ -88,6 +88,56 @@ class _Moments:
         return g, b, total
 
 
+class _GroupSlots:
+    """A matrix ``m`` (d, d) and ``v`` (d, out) over channel groups of ``gs`` columns, for greedy searches.
+
+    Both searches score every live channel by the same block quadratic form, take one, and remove
+    it from ``m`` and ``v`` by one Schur step; ``m`` and ``v`` are compacted to the live channels
+    now and then, so a layer costs about a sixth of updating the full matrices every step.
+    """
+
+    def __init__(self, m: torch.Tensor, v: torch.Tensor, channels: int):
+        self.m, self.v, self.gs = m, v, m.shape[0] // channels
+        self.ids = list(range(channels))  # channel held in each group slot
+        self.alive = torch.ones(channels, dtype=torch.bool)
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(live slots, ``tr(v_j^T m_jj^-1 v_j)`` per live slot)."""
+        gs, slots = self.gs, len(self.ids)
+        live = torch.nonzero(self.alive).flatten()
+        if len(live) < 0.8 * slots:  # compact: drop the taken channels' rows and columns
+            cols = (live[:, None] * gs + torch.arange(gs)).reshape(-1)
+            self.m, self.v = self.m[cols][:, cols].contiguous(), self.v[cols].contiguous()
+            self.ids = [self.ids[i] for i in live.tolist()]
+            slots = len(self.ids)
+            self.alive = torch.ones(slots, dtype=torch.bool)
+            live = torch.arange(slots)
+        diag = self.m.view(slots, gs, slots, gs)[live, :, live, :]  # (R, gs, gs) diagonal blocks
+        vj = self.v.view(slots, gs, -1)[live]
+        return live, (torch.linalg.solve(diag, vj) * vj).sum((1, 2))
+
+    def take(self, slot: int) -> int:
+        """Mark ``slot`` taken and remove it from ``m`` and ``v`` (Schur step); returns its channel."""
+        self.alive[slot] = False
+        sc = slice(slot * self.gs, (slot + 1) * self.gs)
+        chol = torch.linalg.cholesky(self.m[sc, sc])
+        u = torch.linalg.solve_triangular(chol, self.m[sc], upper=False)  # (gs, d): R^-T M[s, :]
+        w = torch.linalg.solve_triangular(chol, self.v[sc], upper=False)  # (gs, out)
+        self.m.addmm_(u.T, u, alpha=-1.0)
+        self.v.addmm_(u.T, w, alpha=-1.0)
+        return self.ids[slot]
+
+    def remaining(self) -> list[int]:
+        return [self.ids[int(i)] for i in torch.nonzero(self.alive).flatten()]
+
+
+def _ridged(g: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A copy of ``g`` with ``ridge`` times its mean diagonal added to the diagonal."""
+    g = g.clone()
+    g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-12)))
+    return g
+
+
 def greedy_selection(g: torch.Tensor, b: torch.Tensor, total: float, channels: int, *,
                      ridge: float = RIDGE) -> tuple[list[int], list[float]]:
     """Greedy forward selection of channel groups for least-squares reconstruction.
@@ -96,47 +146,20 @@ def greedy_selection(g: torch.Tensor, b: torch.Tensor, total: float, channels: i
     ``b``: (d, out) input-output covariance; ``total``: the output's total variance. Returns the
     order (all channels) and the relative residual error after each step (``residual[k-1]``:
     with the first k channels kept; ``residual`` has ``channels`` entries and ends near 0).
-    The residual moments are kept for the channels still in play only (compacted as channels
-    are chosen), so a layer costs about a sixth of updating the full matrix every step.
     """
-    gs = g.shape[0] // channels
-    lam = ridge * float(g.diagonal().mean().clamp_min(1e-12))
-    g = g.clone()
-    g.diagonal().add_(lam)
-    b = b.clone()
-    ids = list(range(channels))  # channel held in each group slot of g and b
-    alive = torch.ones(channels, dtype=torch.bool)
+    slots = _GroupSlots(_ridged(g, ridge), b.clone(), channels)
     order: list[int] = []
     residual: list[float] = []
     left = total
     while len(order) < channels:
-        slots = len(ids)
-        live = torch.nonzero(alive).flatten()
-        if len(live) < 0.8 * slots:  # compact: drop the chosen channels' rows and columns
-            cols = (live[:, None] * gs + torch.arange(gs)).reshape(-1)
-            g, b = g[cols][:, cols].contiguous(), b[cols].contiguous()
-            ids = [ids[i] for i in live.tolist()]
-            slots = len(ids)
-            alive = torch.ones(slots, dtype=torch.bool)
-            live = torch.arange(slots)
-        diag = g.view(slots, gs, slots, gs)[live, :, live, :]  # (R, gs, gs) diagonal blocks
-        bj = b.view(slots, gs, -1)[live]
-        sol = torch.linalg.solve(diag, bj)
-        gains = (sol * bj).sum((1, 2))
+        live, gains = slots.scores()
         r = int(torch.argmax(gains))
-        slot = int(live[r])
-        order.append(ids[slot])
-        alive[slot] = False
         left -= float(gains[r])
         residual.append(max(left, 0.0) / max(total, 1e-300))
-        if len(order) == channels:
+        if len(order) == channels - 1:
+            order += slots.remaining()
             break
-        sc = slice(slot * gs, (slot + 1) * gs)
-        chol = torch.linalg.cholesky(g[sc, sc])
-        u = torch.linalg.solve_triangular(chol, g[sc], upper=False)  # (gs, d): R^-T G[s, :]
-        v = torch.linalg.solve_triangular(chol, b[sc], upper=False)  # (gs, out)
-        g.addmm_(u.T, u, alpha=-1.0)
-        b.addmm_(u.T, v, alpha=-1.0)
+        order.append(slots.take(int(live[r])))
     return order, residual
 
 
@@ -152,45 +175,20 @@ def greedy_elimination(g: torch.Tensor, b: torch.Tensor, total: float, channels:
     which suits the usual cuts (a third to a half removed) better than growing the set from
     nothing: forward selection picks its first channels without knowing what will join them.
     """
-    gs = g.shape[0] // channels
-    lam = ridge * float(g.diagonal().mean().clamp_min(1e-12))
-    g = g.clone()
-    g.diagonal().add_(lam)
-    p = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    p = torch.cholesky_inverse(torch.linalg.cholesky(_ridged(g, ridge)))
     beta = p @ b
     left = total - float((b * beta).sum())  # residual with every channel kept
-    ids = list(range(channels))
-    alive = torch.ones(channels, dtype=torch.bool)
+    slots = _GroupSlots(p, beta, channels)
     removed: list[int] = []
     residual = [0.0] * channels
     residual[channels - 1] = max(left, 0.0) / max(total, 1e-300)
     while len(removed) < channels - 1:
-        slots = len(ids)
-        live = torch.nonzero(alive).flatten()
-        if len(live) < 0.8 * slots:  # compact: drop the removed channels' rows and columns
-            cols = (live[:, None] * gs + torch.arange(gs)).reshape(-1)
-            p, beta = p[cols][:, cols].contiguous(), beta[cols].contiguous()
-            ids = [ids[i] for i in live.tolist()]
-            slots = len(ids)
-            alive = torch.ones(slots, dtype=torch.bool)
-            live = torch.arange(slots)
-        diag = p.view(slots, gs, slots, gs)[live, :, live, :]
-        bj = beta.view(slots, gs, -1)[live]
-        costs = (torch.linalg.solve(diag, bj) * bj).sum((1, 2))
+        live, costs = slots.scores()
         r = int(torch.argmin(costs))
-        slot = int(live[r])
-        removed.append(ids[slot])
-        alive[slot] = False
+        removed.append(slots.take(int(live[r])))
         left += float(costs[r])
         residual[channels - 1 - len(removed)] = max(left, 0.0) / max(total, 1e-300)
-        sc = slice(slot * gs, (slot + 1) * gs)
-        chol = torch.linalg.cholesky(p[sc, sc])
-        u = torch.linalg.solve_triangular(chol, p[sc], upper=False)  # (gs, d)
-        v = torch.linalg.solve_triangular(chol, beta[sc], upper=False)  # (gs, out)
-        p.addmm_(u.T, u, alpha=-1.0)
-        beta.addmm_(u.T, v, alpha=-1.0)
-    last = [ids[int(i)] for i in torch.nonzero(alive).flatten()]
-    return last + removed[::-1], residual
+    return slots.remaining() + removed[::-1], residual
 
 
 SEARCHES = {"forward": greedy_selection, "backward": greedy_elimination}

@@ -1,6 +1,7 @@
 """Budgets for every criterion: measured sensitivity, greedy allocation under the budget."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from toolchain.allocation import allocate, layer_sensitivity, sensitivity_curve
 from toolchain.compensation import compensate
 from toolchain.errors import UserError
 from toolchain.ranking import CRITERIA, RankContext, load_criteria
-from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs
+from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs, parse_budget
 from toolchain.stages.prune import consumer_outputs, find_prunable_layers, kept_indices, prune_model
 
 
@@ -106,3 +107,47 @@ def test_allocation_beats_uniform_on_a_model_with_one_redundant_layer():
 
     assert counts["features.4"] <= 4 < uniform["features.4"]  # the free half of the redundant layer goes
     assert cut(counts) < cut(uniform)
+
+
+def test_a_channels_budget_counts_filters():
+    """``channels=F`` keeps at most F of all prunable filters, whatever each layer's FLOPs."""
+    load_criteria()
+    layers = find_prunable_layers(_redundant_tiny(), torch.zeros(2, 3, 8, 8))
+    coupled, out_only, producer = layer_costs(layers, "channels")
+    channels = [layer.channels for layer in layers]
+    assert coupled == [0.0] * len(layers) and out_only == [float(c) for c in channels]
+    keep = [c // 2 for c in channels]
+    assert budget_cost(keep, channels, coupled, out_only, producer) == pytest.approx(sum(keep) / sum(channels))
+    assert parse_budget("channels=0.67") == Budget("channels", 0.67)
+    with pytest.raises(UserError, match="channels=0.67"):
+        parse_budget("filters=0.5")
+
+
+def test_the_sensitivity_is_measured_once_for_every_budget(tmp_path, monkeypatch):
+    """A second budget reads the first one's measured sensitivity from the cache file instead of measuring."""
+    import toolchain.allocation as allocation
+
+    load_criteria()
+    dense = _redundant_tiny()
+    example = torch.zeros(2, 3, 8, 8)
+    layers = find_prunable_layers(dense, example)
+    g = torch.Generator().manual_seed(0)
+    images, probe = (torch.randn(n, 3, 8, 8, generator=g) for n in (64, 64))
+    rankings = CRITERIA.get("l1")(RankContext(model=dense, layers=layers, images=images, labels=torch.arange(64) % 3,
+                                              num_classes=3, device=torch.device("cpu")))
+    cache = tmp_path / "sensitivity-x" / "sensitivity.json"
+    first, info = allocation.allocate_for_budget(dense, layers, rankings, example, probe, images, Budget("flops", 0.5),
+                                                 compensation=True, cache=cache)
+    assert cache.is_file() and not info["sensitivity_cached"]
+    measured = json.loads(cache.read_text())
+    assert measured == info["sensitivity"]
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(allocation, "layer_sensitivity", no_measuring)
+    second, info = allocation.allocate_for_budget(dense, layers, rankings, example, probe, images,
+                                                  Budget("flops", 0.3), compensation=True, cache=cache)
+    assert info["sensitivity_cached"] and info["sensitivity"] == measured
+    assert second == allocation.allocate(layers, measured, Budget("flops", 0.3))[0]
+    assert sum(second.values()) < sum(first.values())

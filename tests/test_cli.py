@@ -44,6 +44,7 @@ def test_end_to_end_tiny_bundle(tmp_path, capsys):
     assert code == 0, err
     bundle = tmp_path / "tiny"
     assert f"bundle: {bundle}" in out
+    assert "The pruned model " in out.splitlines()[-2]  # what the run shows, before where it is
     for name in ("model.onnx", "model.pt", "architecture.json", "manifest.json", "report.md", "config.yaml",
                  "rankings.json", "labels.txt"):
         assert (bundle / name).is_file(), name

@@ -268,3 +268,14 @@ def test_odd_values_and_a_failing_plot_do_not_fail_the_bundle(tmp_path, monkeypa
     assert not (tmp_path / "plots" / "channels_per_layer.png").exists()
     assert "Roofline" not in md and "| pruned/fp32 | unknown | - |" in md
     assert {p.name for p in written} >= {"report.md", "report.html", "latency.png", "memory.png"}
+
+
+@pytest.mark.parametrize("acc, kept", [(0.945, True), (0.93, True), (0.929, False)])
+def test_verdict_says_whether_the_accuracy_was_kept(acc, kept):
+    from toolchain.stages.report import verdict
+
+    text = verdict({"acc_finetuned": acc, "acc_dense": 0.94, "flops_ratio": 0.25})
+    assert ("keeps the dense model's accuracy" in text) is kept
+    assert ("loses" in text) is not kept and "25.00% of the dense FLOPs" in text
+    assert f"{100 * acc:.2f}%" in text
+    assert verdict({"acc_dense": 0.94, "flops_ratio": 0.25}) == ""  # nothing fine-tuned: nothing to say

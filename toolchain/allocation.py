@@ -24,8 +24,10 @@ the allocation here works for every criterion and measures what matters:
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,7 @@ from torch import nn
 
 from toolchain.ranking.base import LayerRanking, PrunableLayer
 from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs
+from toolchain.util import atomic_write_json
 
 SENSITIVITY_FRACTIONS = (0.75, 0.5, 0.25, 0.1)  # kept fractions probed per layer
 
@@ -116,10 +119,19 @@ def allocate(layers: Sequence[PrunableLayer], sensitivity: dict[str, list[list[f
 
 def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
                         example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, budget: Budget, *,
-                        compensation: bool, round_to: int = 1, seed: int = 0) -> tuple[dict[str, int], dict[str, Any]]:
+                        compensation: bool, round_to: int = 1, seed: int = 0,
+                        cache: Path | None = None) -> tuple[dict[str, int], dict[str, Any]]:
+    """Measure the sensitivity (or read it from `cache`, a JSON file written by an earlier call with the same
+    model, rankings, images and settings: it does not depend on the budget), then allocate under `budget`."""
     t0 = time.perf_counter()
-    sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, fit, compensation=compensation,
-                             seed=seed)
+    cached = cache is not None and cache.is_file()
+    if cached:
+        sens = json.loads(cache.read_text())
+    else:
+        sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, fit,
+                                 compensation=compensation, seed=seed)
+        if cache is not None:
+            atomic_write_json(cache, sens)
     counts, info = allocate(layers, sens, budget, round_to=round_to)
-    info.update(sensitivity=sens, seconds=round(time.perf_counter() - t0, 2))
+    info.update(sensitivity=sens, sensitivity_cached=cached, seconds=round(time.perf_counter() - t0, 2))
     return counts, info

@@ -6,6 +6,7 @@ Bad input of any kind ends as one line on stderr and exit code 2, with nothing w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import fields
@@ -28,8 +29,9 @@ HELP = {
     "criterion": "channel ranking: recon (default), l1, random, bn-scale, taylor, cmi, mipp",
     "keep_ratio": "fraction of channels kept in every prunable layer",
     "round_to": "round kept channel counts up to a multiple of this (8 suits tensor cores)",
-    "budget": "global budget for any criterion, e.g. flops=0.4 or params=0.2 (keep at most that fraction of the "
-              "prunable convs); counts from each layer's measured one-shot sensitivity",
+    "budget": "global budget for any criterion, e.g. flops=0.4, params=0.2 or channels=0.67 (keep at most that "
+              "fraction of the prunable convs' FLOPs, parameters or filters); counts from each layer's measured "
+              "one-shot sensitivity",
     "rank_samples": "class-balanced training images shown to data-driven criteria",
     "bn_recalibration": "training images used to re-estimate BatchNorm statistics after pruning",
     "fold": "none (plain removal, default) or masked (fold removed channels' constants: pruned == masked)",
@@ -105,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
                              "or keep_ratio=0.6,0.4; writes one comparison table and plot")
     _add_config_flags(parser)
     return parser
+
+
+def config_argv(cfg: Config) -> list[str]:
+    """The ``build-edge`` flags that rebuild `cfg` from the defaults (what differs from them, in field order):
+    the exact command of a run, for studies and reports. ``build_config({}, flag values of these)`` == `cfg`."""
+    argv: list[str] = []
+    defaults = Config()
+    for f in fields(Config):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "criterion_options":
+            for key, v in value.items():
+                argv += ["--at-init"] if key == "at_init" and v is True else ["--" + key.replace("_", "-"), str(v)]
+        elif f.name == "keep":
+            for layer, v in value.items():
+                argv += ["--keep", f"{layer}={v}"]
+        elif isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"build-edge: build failed: {e}\n")
         return 1
     if dist_utils.is_main():
+        from toolchain.stages.report import verdict
+
+        print(verdict(json.loads((bundle / "manifest.json").read_text()).get("metrics") or {}))
         print(f"bundle: {bundle}")
     return 0
 

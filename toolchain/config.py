@@ -47,7 +47,7 @@ class Config:
     keep_ratio: float = 0.5  # uniform fraction of channels kept per layer
     keep: dict[str, float] = field(default_factory=dict)  # per-layer: ratio (<=1) or count (>1)
     round_to: int = 1  # round kept counts to a multiple (8 suits tensor cores)
-    budget: str | None = None  # "flops=0.4" / "params=0.2": keep counts allocated from measured sensitivity
+    budget: str | None = None  # "flops=0.4" / "params=0.2" / "channels=0.67": counts from measured sensitivity
     bn_recalibration: int = 2000  # training images to re-estimate BN statistics after pruning
     fold: str = "none"  # none: plain removal | masked: fold removed channels' constants (pruned == masked)
     compensation: str = "lstsq"  # none | lstsq: refit each consumer towards the dense network's outputs

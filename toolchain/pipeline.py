@@ -304,6 +304,13 @@ def _run(cfg: Config, pre: Preflight) -> Path:
                  "compensation": cfg.compensation if compensating else "none",
                  "compensation_samples": cfg.compensation_samples if compensating else None}
 
+    # a budget's allocation measures every layer's sensitivity first; that does not depend on the budget, so
+    # runs at other budgets (a study's flops=0.4 and 0.2) share it (the prune stage runs on one rank only, so
+    # this is a plain cached file, not a stage of its own)
+    sensitivity_dir = stages.root / ("sensitivity-" + stable_hash(
+        {"stage": "sensitivity", "rank": rank_digest, "compensation": prune_key["compensation"],
+         "compensation_samples": prune_key["compensation_samples"], "seed": cfg.seed}))
+
     def do_prune(folder: Path) -> dict[str, Any]:
         result: dict[str, Any] = {}
         fit_idx = balanced_indices(data.train.labels, cfg.compensation_samples, cfg.seed + 2)
@@ -314,7 +321,7 @@ def _run(cfg: Config, pre: Preflight) -> Path:
                 source.to(device), layers, rankings, example.to(device), data.normalize(data.train.images[probe_idx]
                                                                                         .to(device)),
                 fit_images[:128], parse_budget(cfg.budget), compensation=compensating, round_to=cfg.round_to,
-                seed=cfg.seed)
+                seed=cfg.seed, cache=sensitivity_dir / "sensitivity.json")
             source.cpu()
         else:
             counts = prune_stage.resolve_keep_counts(layers, rankings, keep_ratio=cfg.keep_ratio,
@@ -497,7 +504,8 @@ def _run(cfg: Config, pre: Preflight) -> Path:
     return bundle_stage.write_bundle(
         out / run, cfg=cfg, target=target, data=data, metrics=metrics, files=files, extra_writers=[write_kit],
         extra={"stages": {name: folder.name for name, folder in (
-                   ("baseline", base_dir), ("rank", rank_dir), ("prune", prune_dir), ("finetune", ft_dir),
-                   ("export", export_dir), ("quantize", quant_dir), ("engine", engine_dir), ("bench", bench_dir))},
+                   ("baseline", base_dir), ("rank", rank_dir), ("sensitivity", sensitivity_dir), ("prune", prune_dir),
+                   ("finetune", ft_dir), ("export", export_dir), ("quantize", quant_dir), ("engine", engine_dir),
+                   ("bench", bench_dir)) if name != "sensitivity" or sensitivity_dir.is_dir()},
                "precision": pre.precision, "engine": {k: v for k, v in engine.items() if k != "seconds"},
                "quantization": quantized["quantization"]})

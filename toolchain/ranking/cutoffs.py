@@ -249,7 +249,7 @@ def xmeans_cutoff(curve: Sequence[float], kmax: int = 10, seed: int = 0) -> tupl
 
 @dataclass(frozen=True)
 class Budget:
-    kind: str  # "flops" or "params"
+    kind: str  # "flops", "params" or "channels" (filters)
     fraction: float  # keep at most this fraction of the prunable convs' dense cost
 
     def __str__(self) -> str:
@@ -257,16 +257,18 @@ class Budget:
 
 
 def parse_budget(text: str | Budget | None) -> Budget | None:
-    """``"flops=0.4"`` / ``"params=0.2"`` -> Budget (keep at most that fraction); None passes through."""
+    """``"flops=0.4"`` / ``"params=0.2"`` / ``"channels=0.67"`` -> Budget (keep at most that fraction); None
+    passes through."""
     if text is None or isinstance(text, Budget):
         return text
-    m = re.fullmatch(r"\s*(flops|params)\s*=\s*([0-9.eE+-]+)\s*", str(text))
+    m = re.fullmatch(r"\s*(flops|params|channels)\s*=\s*([0-9.eE+-]+)\s*", str(text))
     try:
         fraction = float(m.group(2)) if m else math.nan
     except ValueError:
         fraction = math.nan
     if not m or not 0 < fraction <= 1:
-        raise UserError(f"budget must look like 'flops=0.4' or 'params=0.2' with a fraction in (0, 1], got {text!r}")
+        raise UserError("budget must look like 'flops=0.4', 'params=0.2' or 'channels=0.67' with a fraction in "
+                        f"(0, 1], got {text!r}")
     return Budget(m.group(1), fraction)
 
 
@@ -277,12 +279,13 @@ def layer_costs(layers, kind: str) -> tuple[list[float], list[float], list[int |
     ``coupled * out_frac * in_frac + out_only * out_frac``, with ``out_frac = k / C`` and
     ``in_frac`` the kept fraction of its producer layer (``producer[i]``, None for a fixed
     input). FLOPs: the conv's dense FLOPs (``PrunableLayer.flops``). Params: conv weights
-    (coupled) plus bias and BatchNorm affine (out only). The producer of layer i is the layer
-    that lists it in ``consumers``; without consumer information, layer i-1 when its channel
-    count matches layer i's input channels. Consumers that are not prunable layers (the
-    classifier) are not counted.
+    (coupled) plus bias and BatchNorm affine (out only). Channels: one per output channel (out
+    only), so the fraction is of all prunable filters (the papers' "1/3 of filters removed").
+    The producer of layer i is the layer that lists it in ``consumers``; without consumer
+    information, layer i-1 when its channel count matches layer i's input channels. Consumers
+    that are not prunable layers (the classifier) are not counted.
     """
-    if kind not in ("flops", "params"):
+    if kind not in ("flops", "params", "channels"):
         raise ValueError(f"unknown budget kind {kind!r}")
     names = {layer.name: i for i, layer in enumerate(layers)}
     has_consumers = any(layer.consumers for layer in layers)
@@ -300,6 +303,9 @@ def layer_costs(layers, kind: str) -> tuple[list[float], list[float], list[int |
         if kind == "flops":
             coupled.append(float(layer.flops))
             out_only.append(0.0)
+        elif kind == "channels":
+            coupled.append(0.0)
+            out_only.append(float(layer.channels))
         else:
             conv = layer.conv
             coupled.append(float(conv.weight.numel()))

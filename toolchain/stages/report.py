@@ -814,6 +814,19 @@ def _sweep_table(doc: _Doc, sweep: list[dict[str, Any]], dense: Any) -> None:
                    "top-1 one-shot (compensated)", "top-1 fine-tuned", "vs dense"], rows)
 
 
+def verdict(m: Mapping[str, Any]) -> str:
+    """What the run shows, in one plain sentence: did the pruned model keep the dense model's accuracy?"""
+    acc, dense, flops = _num(m.get("acc_finetuned")), _num(m.get("acc_dense")), _num(m.get("flops_ratio"))
+    if acc is None or dense is None or flops is None:
+        return ""
+    delta = round(100 * (acc - dense), 2)  # as shown: -1.00 is within 1 point
+    at = f"at {_pct(flops)} of the dense FLOPs"
+    if delta >= -1.0:
+        return (f"The pruned model keeps the dense model's accuracy {at}: {_pct(acc)} top-1 against "
+                f"{_pct(dense)} ({delta:+.2f} pt, within 1 point).")
+    return f"The pruned model loses {-delta:.2f} points of top-1 {at}: {_pct(acc)} against {_pct(dense)} dense."
+
+
 def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, Any] | None = None,
                  sweep: list[dict[str, Any]] | None = None,
                  device_results: dict[str, Any] | None = None) -> list[Path]:
@@ -849,7 +862,9 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
     if _num(m.get("flops_ratio")) is not None:
         headline.append(f"the pruned model needs {_pct(m['flops_ratio'])} of the dense FLOPs")
     if _num(m.get("acc_finetuned")) is not None:
-        headline.append(f"reaches {_pct(m['acc_finetuned'])} top-1 (dense {_pct(m.get('acc_dense'))})")
+        headline.append(f"reaches {_pct(m['acc_finetuned'])} top-1 (dense {_pct(m.get('acc_dense'))}"
+                        + (f", {_pct(m['acc_oneshot'])} one-shot before fine-tuning" if _num(m.get("acc_oneshot"))
+                           is not None else "") + ")")
     d_name, p_name = _pick(latency, "dense"), _pick(latency, "pruned")
     if d_name and p_name:
         d1, p1 = latency[d_name]["batches"].get("1"), latency[p_name]["batches"].get("1")
@@ -857,6 +872,8 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
             headline.append(f"runs {_speedup(d1['p50_ms'], p1['p50_ms'])} at batch 1 on this host (measured)")
     if headline:
         intro += " In short: " + ", ".join(headline) + "."
+    if verdict(m):
+        intro = f"**{verdict(m)}** {intro}"
     quant = _dict(manifest.get("quantization"))
     if manifest.get("precision"):
         intro += f" Deployment precision: {manifest['precision']}"

@@ -113,3 +113,30 @@ def test_augmented_views_keep_the_shape_and_change_the_content(view):
     assert v.shape == x.shape and not torch.equal(v, x)
     assert torch.equal(augmented_view(x, view), v)  # seeded
     assert torch.equal(augmented_view(x, 0), x)
+
+
+def test_cached_dense_targets_give_the_same_refit_without_dense_passes():
+    """Cuts of one layer refitted with a shared ``dense_targets`` dict: the same weights as without it, and the
+    later cuts run no dense forward pass at all (the dense pass also stops at the last consumer)."""
+    dense = _trained_looking()
+    example = torch.zeros(2, 3, 8, 8)
+    layers = find_prunable_layers(dense, example)
+    images = torch.randn(48, 3, 8, 8)
+    calls = []
+    first, last = dense.features[0], dense.features[-1]  # last: past every consumer of layer 0
+    # (the pruned copies carry these hooks too: only the dense model's modules count)
+    first.register_forward_hook(lambda m, *_: calls.append("first") if m is first else None)
+    last.register_forward_hook(lambda m, *_: calls.append("last") if m is last else None)
+    cache: dict = {}
+    for k in (5, 4, 2):
+        kept = {"features.0": list(range(k))}
+        plain, _ = prune_model(dense, example, kept)
+        shared = copy.deepcopy(plain)
+        calls.clear()
+        compensate(plain, dense, images, consumer_outputs(layers, kept))
+        assert "first" in calls and "last" not in calls  # stopped once features.4 had its targets
+        calls.clear()
+        compensate(shared, dense, images, consumer_outputs(layers, kept), dense_targets=cache)
+        assert (calls == []) == (k != 5)  # only the first cut needed the dense outputs
+        for a, b in zip(plain.state_dict().values(), shared.state_dict().values()):
+            assert torch.equal(a, b)

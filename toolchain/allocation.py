@@ -68,13 +68,15 @@ def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], ranking
     out: dict[str, list[list[float]]] = {}
     for layer in layers:
         points = [[1.0, 0.0]]
+        dense_targets: dict = {}  # the cuts of one layer refit the same consumers towards the same dense outputs
         for frac in fractions:
             k = max(1, round(frac * layer.channels))
             kept = {layer.name: sorted(int(i) for i in rankings[layer.name].order[:k])}
             pruned, _ = prune_model(dense, example, kept)
             pruned.to(probe.device)
             if compensation:
-                compensate(pruned, dense, fit, consumer_outputs(list(layers), kept), seed=seed, max_views=4)
+                compensate(pruned, dense, fit, consumer_outputs(list(layers), kept), seed=seed, max_views=4,
+                           dense_targets=dense_targets)
             else:
                 batches = [(fit[a:a + 128], None) for a in range(0, len(fit), 128)]
                 recalibrate_batchnorm(pruned, batches, fit.device, len(fit))

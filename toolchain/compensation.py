@@ -28,6 +28,7 @@ patches are accumulated batch by batch. Grouped convolutions are solved group by
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -222,7 +223,8 @@ def _write_rows(module: nn.Module, rows: torch.Tensor) -> None:
 @torch.no_grad()
 def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consumers: dict[str, list[int] | None], *,
                ridge: float = 1e-2, positions_per_image: int = 64, rows_per_unknown: float = 1.0,
-               max_views: int = 12, batch_size: int = 128, seed: int = 0) -> CompensationReport:
+               max_views: int = 12, batch_size: int = 128, seed: int = 0,
+               dense_targets: dict[tuple, torch.Tensor] | None = None) -> CompensationReport:
     """Refit ``consumers`` of ``pruned`` in place so their outputs match ``dense``'s (module docstring).
 
     ``consumers``: module name (the same in both models) -> the dense output channels the pruned
@@ -231,6 +233,9 @@ def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consum
     until they have about ``rows_per_unknown`` rows per unknown, at most ``max_views`` views.
     Returns per consumer the relative reconstruction error on the fitting samples before and
     after the refit, the number of samples and of unknowns. A consumer that had no bias gets one.
+    ``dense_targets``: a dict kept by a caller that refits cuts of the same layer again and again with the
+    same ``dense`` and ``images`` (the allocator's sensitivity probes): the dense outputs go in once and are
+    read back by the later calls that need the same sampled positions, instead of a dense pass each time.
     """
     t0 = time.perf_counter()
     pruned.eval()
@@ -245,28 +250,43 @@ def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consum
     picks = {(n, v): torch.stack([torch.randperm(lengths[n], generator=gen)[:positions_per_image]
                                   for _ in range(len(images))]) for n in order for v in range(views[n])}
     batches = [(a, min(a + batch_size, len(images))) for a in range(0, len(images), batch_size)]
-    # dense targets: one pass per view for every consumer that uses the view
-    targets: dict[tuple[str, int], list[torch.Tensor]] = {key: [] for key in picks}
+    # dense targets: one pass per view for every consumer that uses the view (and has no cached target)
+    cache: dict[tuple, torch.Tensor] = {} if dense_targets is None else dense_targets
+
+    def target_key(name: str, v: int, a: int, b: int) -> tuple:
+        kept = consumers[name]
+        return name, v, a, b, None if kept is None else tuple(kept), picks[(name, v)][a:b].numpy().tobytes()
+
     where: list[tuple[int, int, int]] = []
+    wanted: set[str] = set()
 
     def keep_target(name: str, out: torch.Tensor) -> None:
         a, b, v = where[0]
-        if v >= views[name]:
-            return
-        y = _outputs(out)
-        if consumers[name] is not None:
-            y = y[:, torch.as_tensor(consumers[name], device=y.device)]
-        targets[(name, v)].append(take_positions(y, picks[(name, v)][a:b].to(y.device)).float())
+        if name in wanted:
+            y = _outputs(out)
+            if consumers[name] is not None:
+                y = y[:, torch.as_tensor(consumers[name], device=y.device)]
+            cache[target_key(name, v, a, b)] = take_positions(y, picks[(name, v)][a:b].to(y.device)).float()
+            wanted.discard(name)
+        if not wanted:  # every consumer has its target: the rest of the dense pass is not needed
+            raise _Stop
 
     handles = [d_mods[n].register_forward_hook(lambda _m, _a, out, n=n: keep_target(n, out)) for n in order]
     try:
         for v in range(max(views.values(), default=0)):
             for a, b in batches:
                 where[:] = [(a, b, v)]
-                dense(augmented_view(images[a:b], v))
+                wanted.clear()
+                wanted.update(n for n in order if v < views[n] and target_key(n, v, a, b) not in cache)
+                if wanted:
+                    with contextlib.suppress(_Stop):
+                        dense(augmented_view(images[a:b], v))
     finally:
         for h in handles:
             h.remove()
+    targets = {(n, v): [cache[target_key(n, v, a, b)] for a, b in batches] for n, v in picks}
+    if dense_targets is None:
+        cache.clear()
     report = CompensationReport(images=len(images))
     for name in order:
         pm = p_mods[name]

@@ -823,7 +823,7 @@ def verdict(m: Mapping[str, Any]) -> str:
     at = f"at {_pct(flops)} of the dense FLOPs"
     if delta >= -1.0:
         return (f"The pruned model keeps the dense model's accuracy {at}: {_pct(acc)} top-1 against "
-                f"{_pct(dense)} ({delta:+.2f} pt, within 1 point).")
+                f"{_pct(dense)} ({delta:+.2f} pt{', within 1 point' if delta < 0 else ''}).")
     return f"The pruned model loses {-delta:.2f} points of top-1 {at}: {_pct(acc)} against {_pct(dense)} dense."
 
 

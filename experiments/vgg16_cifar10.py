@@ -1,8 +1,17 @@
-"""The VGG16-BN / CIFAR-10 study (issue 7): CMI and MIPP against L1, random and BN-scale at matched FLOPs.
+"""The VGG16-BN / CIFAR-10 study: do pruned models keep their accuracy, and does the method beat the baselines?
 
-From one dense baseline (the shared checkpoint, or one trained with ``configs/vgg16_cifar10_gpu.yaml``)
-every variant is one full pipeline run (its own bundle under ``--out``, default ``runs/study``); the stage
-cache shares the data, the baseline, and the rankings and cuts across the runs that agree on them.
+From one dense baseline (the shared checkpoint, or one trained by ``configs/vgg16_cifar10_gpu.yaml``) every
+variant is one full pipeline run (its own bundle under ``--out``, default ``runs/study``); the stage cache
+shares the data, the baseline, the ranking and the measured sensitivity across the runs that agree on them.
+
+``--plan headline`` (the default): the configuration's criterion (the package default, recon with
+compensation) at ``--budget flops=0.4``, ``flops=0.2`` and ``channels=0.667`` (1/3 of the filters removed),
+then L1 and random at the uniform keep ratio whose FLOPs match what the first budget reached, all fine-tuned
+with distillation from the dense model. ``--gpu``: the baseline trained by the recipe (100 epochs), then
+flops=0.4 and 0.2, sized for 15 minutes of one H100/H200. Writes ``results.md``/``results.json`` and
+``accuracy_vs_flops.png`` to ``--out-dir`` (default ``docs/study``) from the bundles' manifests.
+
+``--plan cmi`` (implied by ``--quick``), the earlier study:
 
 1. The "primary" variants: CMI (formulation per-layer|compact|full x order forward|bidirectional x cutoff
    scree|xmeans|permutation: 18), CMI with a global FLOPs budget (0.5 and 0.4), MIPP (renyi and mlp
@@ -18,12 +27,17 @@ bundles' manifest metrics, see ``toolchain.sweep.sweep_row``) go to ``--out-dir`
 bundles, work files and the full sweep reports stay under ``--out`` (git-ignored ``runs/``). A variant that
 fails (an unfinished criterion option, say) is recorded with its error and the study goes on.
 
-    # quick CPU run (minutes): a few variants on subsets, 1 fine-tuning epoch
+    # the headline plan on the CPU (what docs/study holds)
+    .venv/bin/python experiments/vgg16_cifar10.py --target jetson --finetune-epochs 4 --bench-runs 30
+    # the GPU plan
+    .venv/bin/python experiments/vgg16_cifar10.py --gpu
+    # cmi plan, quick CPU run (minutes): a few variants on subsets, 1 fine-tuning epoch
     .venv/bin/python experiments/vgg16_cifar10.py --quick --dataset imagefolder --data-dir .data/cifar10 \\
         --normalization cifar10 --checkpoint ../shared/models/vgg16_bn_cifar10.pt
-    # full run on one GPU
-    .venv/bin/python experiments/vgg16_cifar10.py --device cuda --dataset imagefolder --data-dir .data/cifar10 \\
-        --normalization cifar10 --checkpoint ../shared/models/vgg16_bn_cifar10.pt --finetune-epochs 30
+    # cmi plan, full run on one GPU
+    .venv/bin/python experiments/vgg16_cifar10.py --plan cmi --device cuda --dataset imagefolder \\
+        --data-dir .data/cifar10 --normalization cifar10 --checkpoint ../shared/models/vgg16_bn_cifar10.pt \\
+        --finetune-epochs 30
 
 See docs/STUDY.md.
 """
@@ -53,6 +67,7 @@ from toolchain.config import Config, build_config, load_yaml
 from toolchain.errors import UserError
 from toolchain.models import create_model
 from toolchain.ranking.base import LayerRanking
+from toolchain.ranking.cutoffs import parse_budget
 from toolchain.stages import prune as prune_stage
 from toolchain.sweep import sweep_row, variant_configs
 
@@ -83,6 +98,23 @@ CIFAR_DATA = {"dataset": "imagefolder", "data_dir": ".data/cifar10", "normalizat
 STUDY_DEFAULTS = {"model": "vgg16_bn", "target": "x86-cpu", "out": "runs/study"}
 GROUP_ORDER = ("cmi", "cmi-budget", "mipp", "baseline")
 QUICK_GROUPS = ("cmi", "cmi-budget", "baseline")
+ROW_ORDER = ("budget", *GROUP_ORDER)  # table order within a FLOPs level
+
+# the headline plan (issue 12): the default criterion under budgets, L1 and random at the first budget's FLOPs
+PLANS = ("headline", "cmi")
+HEADLINE_BUDGETS = ("flops=0.4", "flops=0.2", "channels=0.667")  # channels=0.667: the papers' 1/3 of filters
+HEADLINE_MATCHED = ("l1", "random")
+GPU_BUDGETS = ("flops=0.4", "flops=0.2")
+# one H100/H200 in 15 minutes: the recipe's 100-epoch baseline at a larger batch (lr scaled with it), two
+# budgets fine-tuned for 20 epochs each; bf16 and channels_last are the pipeline's on CUDA, the data set
+# sits on the GPU (DeviceLoader), crop+flip are done there
+GPU_PRESET: dict[str, Any] = {"device": "cuda", "checkpoint": None, "baseline_epochs": 100, "batch_size": 256,
+                              "baseline_lr": 0.15, "lr": 0.02, "finetune_epochs": 20, "bench_runs": 50}
+# published anchors on VGG16/CIFAR-10 (their own baselines and recipes, not rerun here)
+ANCHORS = (
+    {"method": "HRankPlus", "source": "Lin et al., HRank / HRankPlus (github.com/lmbxmu/HRankPlus)",
+     "baseline": 0.9396, "rows": ((0.581, 0.9373), (0.666, 0.9356), (0.786, 0.9310))},
+)
 
 
 # -- matched FLOPs -----------------------------------------------------------------------------------------
@@ -237,11 +269,21 @@ def primary_plan(base: Config, *, quick: bool, distill: Sequence[bool],
     return out
 
 
+def headline_plan(base: Config, *, budgets: Sequence[str] = HEADLINE_BUDGETS,
+                  distill: Sequence[bool] = (True,)) -> list[Variant]:
+    """The configuration's criterion (the package default unless ``--criterion``) under each budget."""
+    tag = base.run_name or base.model
+    keyed = _with(base, run_name=f"{tag}-{base.criterion}")
+    return [Variant(f"{base.criterion} {cfg.budget}", "budget", label, cfg)
+            for label, cfg in variant_configs(keyed, {"budget": list(budgets), "distill": list(distill)})]
+
+
 def flops_levels(reached: Sequence[tuple[str, str, float]], budgets: Sequence[float], tol: float) -> list[Level]:
     """Merge the FLOPs fractions the primaries reached ``(name, group, fraction)`` and the nominal budgets
     into levels: fractions within `tol` of a level's first (smallest) one join it. A level's fraction is
     the mean of the reached fractions it holds (the budget's nominal value when it holds none)."""
-    points = [(f, name, "budget" if group == "cmi-budget" else "cutoff", True) for name, group, f in reached]
+    points = [(f, name, "budget" if group in ("budget", "cmi-budget") else "cutoff", True)
+              for name, group, f in reached]
     points += [(float(b), f"budget flops={b}", "budget", False) for b in budgets]
     levels: list[tuple[float, list[tuple[float, str, str, bool]]]] = []
     for p in sorted(points, key=lambda p: (p[0], p[1])):
@@ -287,10 +329,27 @@ def baseline_plan(base: Config, levels: Sequence[Level], *, criteria: Sequence[s
 
 
 # -- running -----------------------------------------------------------------------------------------------
+def stage_seconds(bundle: Path) -> dict[str, float]:
+    """Seconds each of the bundle's stages took when it was computed (its ``done.json``; a stage shared with
+    another run or resumed after a kill counts the time of the run that finished it)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    out = {}
+    for stage, folder in (manifest.get("stages") or {}).items():
+        done = bundle.parent / ".work" / folder / "done.json"
+        try:
+            out[stage] = float(json.loads(done.read_text()).get("seconds") or 0.0)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def study_row(v: Variant, bundle: Path) -> dict[str, Any]:
     """``sweep_row`` plus what the study's table shows beyond it, from the bundle's manifest."""
+    from toolchain.cli import config_argv
+
     row = sweep_row(v.name, bundle)
-    m = json.loads((bundle / "manifest.json").read_text())["metrics"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    m = manifest["metrics"]
     lat = m.get("latency") or {}
     int8 = (lat.get("pruned/int8") or {}).get("batches", {}).get("1", {}) if isinstance(lat, dict) else {}
     row.update({
@@ -299,7 +358,13 @@ def study_row(v: Variant, bundle: Path) -> dict[str, Any]:
         "params_dense": m.get("params_dense"), "params_pruned": m.get("params_pruned"),
         "channels_dense": m.get("channels_dense"), "int8_latency_p50_ms": int8.get("p50_ms"),
         "flops_reduction": 1.0 - m["flops_ratio"], "params_reduction": 1.0 - m["params_ratio"],
+        "budget": v.cfg.budget, "test_images": manifest["data"]["test"], "train_images": manifest["data"]["train"],
+        "compensation_seconds": m.get("compensation_seconds"),
+        "command": shlex.join(["build-edge", *config_argv(v.cfg)]),
     })
+    seconds = stage_seconds(bundle)
+    row["stage_seconds"] = seconds
+    row["compute_seconds"] = round(sum(seconds.values()), 1)
     return row
 
 
@@ -368,7 +433,7 @@ def _table_rows(rows: Sequence[dict[str, Any]], levels: Sequence[Level]) -> list
         by_level.get(key, loose).append(r)
     out = []
     for lv in levels:
-        for r in sorted(by_level[lv.key], key=lambda r: (GROUP_ORDER.index(r["group"]), r["name"])):
+        for r in sorted(by_level[lv.key], key=lambda r: (ROW_ORDER.index(r["group"]), r["name"])):
             out.append(_row_cells(r, f"{lv.key} ({_pct(lv.fraction, 1)})"))
     out += [_row_cells(r, "-") for r in loose]
     return out
@@ -441,11 +506,153 @@ def write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, Any
     path.write_text("\n".join(lines).rstrip() + "\n")
 
 
+HEADLINE_HEADER = ["run", "FLOPs kept", "FLOPs red.", "params red.", "filters removed", "top-1 one-shot",
+                   "top-1 fine-tuned", "vs dense (pp)", "top-1 INT8", "ORT p50 ms dense", "ORT p50 ms pruned",
+                   "compute min (fine-tune)"]
+
+
+def _headline_cells(r: dict[str, Any]) -> list[str]:
+    removed, dense = r.get("channels_removed"), r.get("channels_dense")
+    filters = "-" if removed is None else f"{removed} / {dense} ({removed / dense:.1%})" if dense else f"{removed}"
+    seconds = r.get("stage_seconds") or {}
+    minutes = "-" if not seconds else f"{r['compute_seconds'] / 60:.1f} ({seconds.get('finetune', 0.0) / 60:.1f})"
+    return [r["name"], _pct(r.get("flops_ratio")), _pct(r.get("flops_reduction")), _pct(r.get("params_reduction")),
+            filters, _pct(r.get("acc_oneshot")), _pct(r.get("acc_finetuned")),
+            _pp(r.get("acc_finetuned"), r.get("acc_dense")), _pct(r.get("acc_int8")),
+            _ms(r.get("dense_latency_p50_ms")), _ms(r.get("latency_p50_ms")), minutes]
+
+
+def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Plain sentences from the numbers: each budget against the dense model, the first budget against the
+    matched baselines (the same FLOPs, the same fine-tune)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    budgets = [r for r in ok if r["group"] == "budget"]
+    out = []
+    for r in budgets:
+        delta = 100 * (r["acc_finetuned"] - r["acc_dense"])
+        out.append(f"{r['name']}: {_pct(r['flops_reduction'], 1)} fewer FLOPs, top-1 {_pct(r['acc_finetuned'])} "
+                   f"after fine-tuning ({delta:+.2f} pt vs the dense {_pct(r['acc_dense'])}; one-shot "
+                   f"{_pct(r.get('acc_oneshot'))}).")
+    matched = [r for r in ok if r["group"] == "baseline"]
+    if budgets and matched:
+        lead = budgets[0]
+        for r in matched:
+            out.append(f"{lead['name']} vs {r['name']} at {_pct(r['flops_ratio'], 1)} of the FLOPs: "
+                       f"{100 * (lead['acc_finetuned'] - r['acc_finetuned']):+.2f} pt after the same fine-tune "
+                       f"(one-shot {100 * ((lead.get('acc_oneshot') or 0) - (r.get('acc_oneshot') or 0)):+.2f} pt).")
+    return out
+
+
+def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequence[dict[str, Any]] = ANCHORS) -> None:
+    """Left: top-1 vs FLOPs kept (fine-tuned filled, one-shot hollow, dense dashed). Right: change vs each method's
+    own dense baseline vs FLOPs reduction, ours beside the published anchors (their baselines differ)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    colours = {"budget": "tab:blue", "baseline": "tab:orange"}
+    for r in ok:
+        x, c = 100 * r["flops_ratio"], colours.get(r["group"], "tab:gray")
+        left.scatter([x], [100 * r["acc_finetuned"]], color=c, zorder=3)
+        if r.get("acc_oneshot") is not None:
+            left.scatter([x], [100 * r["acc_oneshot"]], facecolors="none", edgecolors=c, zorder=3)
+            left.plot([x, x], [100 * r["acc_oneshot"], 100 * r["acc_finetuned"]], color=c, lw=0.8, alpha=0.5)
+        left.annotate(r["name"], (x, 100 * r["acc_finetuned"]), textcoords="offset points", xytext=(4, 4),
+                      fontsize=7)
+        right.scatter([100 * r["flops_reduction"]], [100 * (r["acc_finetuned"] - r["acc_dense"])], color=c, zorder=3)
+        right.annotate(r["name"], (100 * r["flops_reduction"], 100 * (r["acc_finetuned"] - r["acc_dense"])),
+                       textcoords="offset points", xytext=(4, 4), fontsize=7)
+    dense = next((r["acc_dense"] for r in ok), None)
+    if dense is not None:
+        left.axhline(100 * dense, color="k", ls="--", lw=0.8, label=f"dense {100 * dense:.2f}%")
+        left.legend(loc="lower right", fontsize=8)
+    for a in anchors:
+        xs = [100 * red for red, _ in a["rows"]]
+        ys = [100 * (acc - a["baseline"]) for _, acc in a["rows"]]
+        right.plot(xs, ys, "s--", color="tab:green", ms=4, lw=0.8,
+                   label=f"{a['method']} (their paper, dense {100 * a['baseline']:.2f}%)")
+    right.axhline(0.0, color="k", lw=0.8)
+    right.legend(loc="lower left", fontsize=8)
+    left.set(xlabel="FLOPs kept (% of dense)", ylabel="top-1 (%)",
+             title="top-1 vs FLOPs (filled: fine-tuned, hollow: one-shot)")
+    right.set(xlabel="FLOPs removed (%)", ylabel="top-1 change vs own dense (pt)", title="against published anchors")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]], plot: str | None) -> None:
+    cfg, hw = summary["config"], summary["hardware"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    dense = next((r["acc_dense"] for r in ok), None)
+    test_images = next((r["test_images"] for r in ok), None)
+    baseline = cfg["checkpoint"] or f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']})"
+    lines = [f"# {cfg['model']} on {cfg['dataset']}: do pruned models keep their accuracy?", "",
+             f"{len(ok)} of {len(rows)} runs finished; dense top-1 {_pct(dense)} on {test_images} test images. "
+             f"Written by `experiments/vgg16_cifar10.py` from the bundles' manifests; see `docs/STUDY.md`.", ""]
+    lines += ["## What it shows", "", *(f"- {line}" for line in headline_findings(rows)), ""]
+    lines += ["## Results", ""]
+    lines += _md_table(HEADLINE_HEADER, [_headline_cells(r) for r in ok])
+    if plot:
+        lines += [f"![accuracy vs FLOPs]({plot})", ""]
+    lines += ["## Published anchors (from their papers, their own baselines; not rerun here)", ""]
+    lines += _md_table(["method", "their dense top-1", "FLOPs red.", "top-1", "vs their dense (pp)", "source"],
+                       [[a["method"], _pct(a["baseline"]), _pct(red, 1), _pct(acc), _pp(acc, a["baseline"]),
+                         a["source"]] for a in ANCHORS for red, acc in a["rows"]])
+    lines += ["## Setup", "",
+              f"- study command: `{summary['command']}`",
+              f"- started {summary['started']}, finished {summary.get('finished', '-')}; this invocation's wall time "
+              f"{summary['wall_seconds'] / 60:.1f} min (stages already in the cache are not recomputed: each run's "
+              "compute minutes below are the seconds its stages took when they were computed)",
+              f"- hardware: CPU {hw['cpu']} ({hw['cpu_count']} logical CPUs), "
+              f"GPU {', '.join(hw['gpus']) or 'none'}; {hw['system']}; device {summary['device']}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
+              f"- baseline: {baseline}",
+              f"- data: {cfg['dataset']}{' ' + cfg['data_dir'] if cfg['data_dir'] else ''}, train subset "
+              f"{cfg['train_subset'] or 'all'}, test subset {cfg['test_subset'] or 'all'}",
+              f"- one-shot: criterion {cfg['criterion']} on {cfg['rank_samples'] or 'the default'} images, "
+              f"compensation {cfg['compensation']} on {cfg['compensation_samples']} images, BN re-estimation on "
+              f"{cfg['bn_recalibration']} images",
+              f"- fine-tuning: {cfg['finetune_epochs']} epochs on every training image, SGD nesterov lr {cfg['lr']} "
+              f"cosine, batch {cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}, "
+              f"distillation from the dense model alpha {cfg['distill_alpha']} T {cfg['distill_temperature']}",
+              f"- latency: ONNX Runtime CPU on this host, {cfg['bench_runs']} runs, batch 1, p50", ""]
+    lines += ["## Runs", ""]
+    for r in rows:
+        if r["status"] != "ok":
+            lines += [f"- **{r['name']}**: FAILED {r.get('error', '?')}"]
+            continue
+        stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in r["stage_seconds"].items() if v >= 0.05 * 60)
+        lines += [f"- **{r['name']}** ({r['compute_seconds'] / 60:.1f} min: {stages}):", "",
+                  f"  `{r['command']}`", ""]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
 def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
                   levels: list[Level]) -> dict[str, Path]:
     from toolchain.stages.report import write_sweep_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if summary.get("plan") == "headline":
+        ok = [r for r in rows if r["status"] == "ok"]
+        plot = None
+        if ok:
+            draw_headline_plot(out_dir / "accuracy_vs_flops.png", rows)
+            plot = "accuracy_vs_flops.png"
+        runs = [{k: r.get(k) for k in ("name", "group", "status", "budget", "keep_ratio", "criterion", "flops_ratio",
+                                        "params_ratio", "channels_removed", "channels_dense", "acc_dense",
+                                        "acc_oneshot", "acc_finetuned", "acc_int8", "test_images", "train_images",
+                                        "latency_p50_ms", "dense_latency_p50_ms", "compute_seconds", "stage_seconds",
+                                        "command", "error", "level", "target_flops")} for r in rows]
+        (out_dir / "results.json").write_text(json.dumps(
+            {**summary, "anchors": list(ANCHORS), "plot": plot, "runs": runs}, indent=1, default=str) + "\n")
+        write_headline_markdown(out_dir / "results.md", summary, rows, plot)
+        return {"json": out_dir / "results.json", "md": out_dir / "results.md",
+                **({"plot": out_dir / plot} if plot else {})}
     plots: dict[str, str] = {}
     cfg = summary["config"]
     for distill, key, png in ((False, "ce", "accuracy_vs_flops.png"), (True, "kd", "accuracy_vs_flops_distill.png")):
@@ -475,9 +682,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="experiments/vgg16_cifar10.py",
-        description="VGG16-BN / CIFAR-10 study: CMI and MIPP vs L1/random/BN-scale at matched FLOPs, from one "
-                    "baseline. Every build-edge option is accepted and applies to every variant (criterion, "
-                    "keep ratio, criterion options and distillation are set per variant).")
+        description="VGG16-BN / CIFAR-10 study from one baseline: the default criterion under budgets against L1 "
+                    "and random at matched FLOPs (headline), or CMI and MIPP against L1/random/BN-scale (cmi). "
+                    "Every build-edge option is accepted and applies to every variant (budgets, keep ratios and, "
+                    "in the cmi plan, criteria and their options are set per variant).")
+    parser.add_argument("--plan", choices=PLANS, default=None,
+                        help="headline (default; cmi with --quick): the configuration's criterion (recon unless "
+                             "--criterion) at "
+                             f"--budget {', '.join(HEADLINE_BUDGETS)}, then {' and '.join(HEADLINE_MATCHED)} at the "
+                             "FLOPs the first budget reached, all fine-tuned with distillation; cmi: the CMI/MIPP "
+                             "variants against L1/random/BN-scale (issue 7)")
+    parser.add_argument("--budgets", default=None,
+                        help=f"headline budgets, comma-separated (default {','.join(HEADLINE_BUDGETS)}; "
+                             f"--gpu: {','.join(GPU_BUDGETS)}); the first is the one the baselines match")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU plan: train the baseline by the recipe (100 epochs), then the headline plan at "
+                             f"{', '.join(GPU_BUDGETS)} without matched baselines; {GPU_PRESET} unless given")
     parser.add_argument("--quick", action="store_true",
                         help="a small subset on the CPU in minutes: cmi per-layer/forward/scree, cmi flops=0.4, "
                              "L1 and random matched to the first, L1 matched to the second; "
@@ -487,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default="docs/study", help="summary files (results.md/json, plots)")
     parser.add_argument("--groups", default=None,
                         help="groups to run, of cmi,cmi-budget,mipp,baseline (default: all; --quick: all but mipp)")
-    parser.add_argument("--baselines", default=",".join(BASELINES), help="baseline criteria, default %(default)s")
+    parser.add_argument("--baselines", default=None,
+                        help=f"baseline criteria (default: headline {','.join(HEADLINE_MATCHED)}, --gpu none, "
+                             f"cmi {','.join(BASELINES)})")
     parser.add_argument("--level-tol", type=float, default=0.005,
                         help="FLOPs fractions closer than this share one matched level (default %(default)s)")
     parser.add_argument("--plan-only", action="store_true", help="print the primary variants and exit")
@@ -504,16 +726,22 @@ def resolve_base(args: argparse.Namespace) -> tuple[Config, list[bool]]:
         raise UserError("criterion options (--formulation, --cutoff, --budget, --mipp-estimator, ...) are set per "
                         "variant by the study; they cannot be given")
     flags = _flag_values(args)
-    for key in ("criterion", "keep_ratio", "keep"):
+    per_variant = ("keep_ratio", "keep", "budget") if args.plan == "headline" else ("criterion", "keep_ratio", "keep")
+    for key in per_variant:
         if flags.get(key) is not None:
             raise UserError(f"--{key.replace('_', '-')} is set per variant by the study")
+    if args.gpu and (args.quick or args.plan != "headline"):
+        raise UserError("--gpu runs the headline plan; it cannot be combined with --quick or --plan cmi")
     distill_flag = flags.pop("distill", None)
     file_values = load_yaml(args.config) if args.config else {}
-    values: dict[str, Any] = {**STUDY_DEFAULTS, **file_values, **(QUICK_PRESET if args.quick else FULL_PRESET)}
+    preset = GPU_PRESET if args.gpu else QUICK_PRESET if args.quick else FULL_PRESET
+    values: dict[str, Any] = {**STUDY_DEFAULTS, **file_values, **preset}
     if flags.get("dataset") is None and "dataset" not in file_values:
         values.update(CIFAR_DATA)
     checkpoint = flags.pop("checkpoint", None)
-    if checkpoint is None:  # the shared baseline when it fits, else the recipe trains one
+    if checkpoint is None and args.gpu:  # the GPU plan trains its own (>= 93.5%) baseline
+        pass
+    elif checkpoint is None:  # the shared baseline when it fits, else the recipe trains one
         model = flags.get("model") or values["model"]
         dataset = flags.get("dataset") or values["dataset"]
         if model == "vgg16_bn" and dataset in ("imagefolder", "cifar10") and SHARED_CHECKPOINT.is_file():
@@ -524,7 +752,12 @@ def resolve_base(args: argparse.Namespace) -> tuple[Config, list[bool]]:
     values.pop("distill", None)
     values.pop("run_name", None)
     cfg = build_config(values, flags)
-    distill = [distill_flag] if distill_flag is not None else ([False] if args.quick else [False, True])
+    if distill_flag is not None:
+        distill = [distill_flag]
+    elif args.plan == "headline":
+        distill = [True]
+    else:
+        distill = [False] if args.quick else [False, True]
     return cfg, distill
 
 
@@ -533,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.plan = args.plan or ("cmi" if args.quick else "headline")
     if args.quiet:
         os.environ["BUILD_EDGE_NO_PROGRESS"] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
@@ -543,18 +777,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         base, distill = resolve_base(args)
-        groups = {g.strip() for g in (args.groups or ",".join(QUICK_GROUPS if args.quick else GROUP_ORDER)).split(",")
-                  if g.strip()}
-        unknown = groups - set(GROUP_ORDER)
-        criteria = [c.strip() for c in args.baselines.split(",") if c.strip()]
-        if unknown or not set(criteria) <= set(BASELINES):
-            raise UserError(f"unknown group(s) or baseline(s): {sorted(unknown | (set(criteria) - set(BASELINES)))}")
-        primaries = primary_plan(base, quick=args.quick, distill=distill, groups=groups)
+        if args.plan == "headline":
+            default = "" if args.gpu else ",".join(HEADLINE_MATCHED)
+            criteria = [c.strip() for c in (default if args.baselines is None else args.baselines).split(",")
+                        if c.strip()]
+            budgets = [b.strip() for b in (args.budgets or ",".join(GPU_BUDGETS if args.gpu else HEADLINE_BUDGETS))
+                       .split(",") if b.strip()]
+            for b in budgets:
+                parse_budget(b)
+            if not budgets or args.groups:
+                raise UserError("the headline plan needs at least one --budgets value and takes no --groups")
+            primaries = headline_plan(base, budgets=budgets, distill=distill)
+        else:
+            groups = {g.strip() for g in (args.groups or ",".join(QUICK_GROUPS if args.quick else GROUP_ORDER))
+                      .split(",") if g.strip()}
+            unknown = groups - set(GROUP_ORDER)
+            criteria = [c.strip() for c in (args.baselines or ",".join(BASELINES)).split(",") if c.strip()]
+            primaries = primary_plan(base, quick=args.quick, distill=distill, groups=groups)
+            if unknown:
+                raise UserError(f"unknown group(s): {sorted(unknown)}")
+            criteria = criteria if "baseline" in groups else []
+        if not set(criteria) <= set(BASELINES):
+            raise UserError(f"unknown baseline(s): {sorted(set(criteria) - set(BASELINES))}")
         if args.plan_only:
             for v in primaries:
                 print(f"{v.group:11s} {v.name:35s} {_distill_tag(v.cfg.distill)}  {v.cfg.resolved_run_name}")
             return 0
-        return run_study(args, argv, base, distill, primaries, criteria if "baseline" in groups else [])
+        return run_study(args, argv, base, distill, primaries, criteria)
     except UserError as e:
         sys.stderr.write(f"study: error: {e}\n")
         return 2
@@ -567,33 +816,41 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     pre = preflight(base)  # bad data dir, checkpoint, target: one line now, not after an hour
+    for v in primaries[1:] if args.plan == "headline" else ():  # and each budget's own settings
+        preflight(v.cfg)
     work = Path(base.out)
     failures = work / "study-failures"
     script = os.path.relpath(Path(__file__).resolve())
-    summary = {"study": "vgg16_cifar10", "quick": args.quick, "command": shlex.join(["python", script, *argv]),
-               "python": sys.executable, "cwd": os.getcwd(), "started": started.isoformat(timespec="seconds"),
-               "hardware": hardware(),
+    if args.plan == "headline":
+        budgets_run = [v.cfg.budget for v in primaries if v.cfg.distill == distill[0]]
+    else:
+        budgets_run = [f"flops={b}" for b in (QUICK_BUDGETS if args.quick else BUDGETS)]
+    summary = {"study": "vgg16_cifar10", "plan": args.plan, "gpu": args.gpu, "quick": args.quick,
+               "command": shlex.join(["python", script, *argv]), "python": sys.executable, "cwd": os.getcwd(),
+               "started": started.isoformat(timespec="seconds"), "hardware": hardware(),
                "versions": library_versions(), "device": str(pre.device), "config": base.to_dict(),
-               "distill_modes": distill, "level_tol": args.level_tol, "budgets": list(QUICK_BUDGETS if args.quick
-                                                                                       else BUDGETS)}
+               "distill_modes": distill, "level_tol": args.level_tol, "budgets": budgets_run}
     rows: list[dict[str, Any]] = []
 
     def checkpoint_progress() -> None:
         work.mkdir(parents=True, exist_ok=True)
         (work / "study-progress.json").write_text(json.dumps({**summary, "rows": rows}, indent=1, default=str))
 
+    # headline: the baselines match the first budget's FLOPs and run right after it (the comparison first)
+    headline = args.plan == "headline"
+    first, rest = (primaries[:1], primaries[1:]) if headline else (primaries, [])
     plan_total = len(primaries)
-    for i, v in enumerate(primaries, 1):
+    for i, v in enumerate(first, 1):
         log.info("study %d/%d+: %s (%s)", i, plan_total, v.name, _distill_tag(v.cfg.distill))
         rows.append(run_variant(v, failures))
         checkpoint_progress()
 
-    # matched FLOPs levels: what the primaries reached, and the nominal budgets (full run)
+    # matched FLOPs levels: what the primaries reached, and the nominal budgets (full cmi run)
     reached = {}
     for r in rows:
         if r["status"] == "ok":
             reached.setdefault(r["name"], (r["name"], r["group"], float(r["flops_ratio"])))
-    budgets = [] if args.quick else list(BUDGETS)  # quick: only the levels the variants reached
+    budgets = [] if args.quick or headline else list(BUDGETS)  # else only the levels the variants reached
     levels = flops_levels(list(reached.values()), budgets, args.level_tol)
     baselines: list[Variant] = []
     if criteria and levels:
@@ -605,6 +862,10 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
     for i, v in enumerate(baselines, 1):
         log.info("study baseline %d/%d: %s (%s) for %s", i, len(baselines), v.name, _distill_tag(v.cfg.distill),
                  v.level)
+        rows.append(run_variant(v, failures))
+        checkpoint_progress()
+    for i, v in enumerate(rest, len(first) + 1):
+        log.info("study %d/%d: %s (%s)", i, plan_total, v.name, _distill_tag(v.cfg.distill))
         rows.append(run_variant(v, failures))
         checkpoint_progress()
 

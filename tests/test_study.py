@@ -4,6 +4,7 @@ No pipeline run here: the FLOPs match is checked on a really pruned vgg11_bn wit
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -101,3 +102,75 @@ def test_quick_plan_is_a_small_subset(study):
     baselines = study.baseline_plan(base, levels, criteria=study.BASELINES, distill=[False],
                                     ratio_for=lambda f: round(f ** 0.5, 4), quick=True)
     assert [(v.cfg.criterion, v.level) for v in baselines] == [("l1", "L1"), ("random", "L1"), ("l1", "L2")]
+
+
+def test_headline_plan_runs_the_default_criterion_under_each_budget(study):
+    base = build_config({}, {"model": "vgg16_bn", "dataset": "digits"})
+    plan = study.headline_plan(base, budgets=["flops=0.4", "flops=0.2", "channels=0.667"])
+    assert [(v.cfg.criterion, v.cfg.budget, v.cfg.distill) for v in plan] == [
+        (base.criterion, b, True) for b in ("flops=0.4", "flops=0.2", "channels=0.667")]
+    assert len({v.cfg.resolved_run_name for v in plan}) == 3
+    # the matched baselines come from the first budget's reached FLOPs alone
+    levels = study.flops_levels([(plan[0].name, plan[0].group, 0.3997)], [], tol=0.005)
+    baselines = study.baseline_plan(base, levels, criteria=study.HEADLINE_MATCHED, distill=[True],
+                                    ratio_for=lambda f: round(f ** 0.5, 4))
+    assert [(v.cfg.criterion, v.cfg.keep_ratio, v.cfg.budget) for v in baselines] == [
+        ("l1", round(0.3997 ** 0.5, 4), None), ("random", round(0.3997 ** 0.5, 4), None)]
+
+
+def test_every_run_records_the_command_that_rebuilds_it(study):
+    from toolchain.cli import _flag_values, build_parser, config_argv
+
+    base = build_config({}, {"model": "vgg16_bn", "dataset": "imagefolder", "data_dir": "d", "train_subset": 300,
+                             "bench_batch_sizes": [1, 8], "amp": "off", "criterion": "cmi",
+                             "criterion_options": {"kernel": "adaptive", "permutations": 5}})
+    for cfg in (base, *(v.cfg for v in study.headline_plan(base))):
+        argv = config_argv(cfg)
+        assert build_config({}, _flag_values(build_parser().parse_args(argv))) == cfg
+    assert config_argv(build_config({}, {})) == []  # the defaults need no flag
+    argv = config_argv(study.headline_plan(base)[0].cfg)
+    assert "--distill" in argv and argv[argv.index("--budget") + 1] == "flops=0.4"
+
+
+def test_headline_outputs_come_from_the_rows(study, tmp_path):
+    row = {"name": "recon flops=0.4", "group": "budget", "status": "ok", "budget": "flops=0.4", "flops_ratio": 0.4,
+           "flops_reduction": 0.6, "params_reduction": 0.7, "params_ratio": 0.3, "channels_removed": 1708,
+           "channels_dense": 4224, "acc_dense": 0.8929, "acc_oneshot": 0.8818, "acc_finetuned": 0.8951,
+           "acc_int8": 0.895, "test_images": 10000, "train_images": 50000, "latency_p50_ms": 17.0,
+           "dense_latency_p50_ms": 43.0, "compute_seconds": 3000.0, "stage_seconds": {"finetune": 2400.0},
+           "command": "build-edge --budget flops=0.4"}
+    l1 = {**row, "name": "l1 @0.632", "group": "baseline", "budget": None, "acc_oneshot": 0.8654,
+          "acc_finetuned": 0.8901, "command": "build-edge --criterion l1 --keep-ratio 0.632"}
+    summary = {"plan": "headline", "command": "python experiments/vgg16_cifar10.py", "started": "t0", "finished": "t1",
+               "wall_seconds": 60.0, "device": "cpu", "versions": {"torch": "x"},
+               "hardware": {"cpu": "cpu", "cpu_count": 2, "gpus": [], "system": "Linux"},
+               "config": build_config({}, {"checkpoint": None}).to_dict()}
+    written = study.write_outputs(tmp_path, tmp_path / "work", summary, [row, l1], [])
+    data = json.loads(written["json"].read_text())
+    assert [r["acc_finetuned"] for r in data["runs"]] == [0.8951, 0.8901]
+    assert all(r["test_images"] == 10000 and r["command"] for r in data["runs"])
+    md = written["md"].read_text()
+    assert "89.51%" in md and "+0.22 pt vs the dense 89.29%" in md  # findings from the numbers
+    assert "recon flops=0.4 vs l1 @0.632" in md and "+0.50 pt after the same fine-tune" in md
+    assert "HRankPlus" in md and written["plot"].stat().st_size > 10_000
+
+
+def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
+    """``--gpu`` on the CPU, one epoch on a few hundred digits: the baseline is trained (no checkpoint), both
+    budgets run, the second one reads the first one's measured sensitivity, and docs come from the bundles."""
+    code = study.main(["--gpu", "--device", "cpu", "--dataset", "digits", "--model", "vgg11_bn", "--criterion", "l1",
+                       "--baseline-epochs", "1", "--finetune-epochs", "1", "--train-subset", "300",
+                       "--test-subset", "100", "--compensation-samples", "64", "--bn-recalibration", "100",
+                       "--calibration-samples", "32", "--bench-runs", "2", "--bench-batch-sizes", "1",
+                       "--out", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "-q"])
+    assert code == 0
+    data = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert data["gpu"] and data["config"]["checkpoint"] is None and data["config"]["batch_size"] == 256
+    runs = data["runs"]
+    assert [(r["budget"], r["status"]) for r in runs] == [("flops=0.4", "ok"), ("flops=0.2", "ok")]
+    assert runs[0]["flops_ratio"] > runs[1]["flops_ratio"] and runs[1]["flops_ratio"] < 0.25
+    assert all(r["test_images"] == 100 and "--budget" in r["command"] for r in runs)
+    cached = sorted(json.loads(p.read_text())["allocation"]["sensitivity_cached"]
+                    for p in (tmp_path / "runs" / ".work").glob("prune-*/done.json"))
+    assert cached == [False, True]
+    assert (tmp_path / "docs" / "accuracy_vs_flops.png").is_file()

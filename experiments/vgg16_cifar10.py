@@ -835,6 +835,9 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
     def checkpoint_progress() -> None:
         work.mkdir(parents=True, exist_ok=True)
         (work / "study-progress.json").write_text(json.dumps({**summary, "rows": rows}, indent=1, default=str))
+        if args.plan == "headline" and rows:  # the docs show every finished run, even if the study is stopped
+            write_outputs(Path(args.out_dir), work, {**summary, "finished": "(still running)",
+                                                     "wall_seconds": round(time.perf_counter() - t0, 1)}, rows, [])
 
     # headline: the baselines match the first budget's FLOPs and run right after it (the comparison first)
     headline = args.plan == "headline"

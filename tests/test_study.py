@@ -174,3 +174,17 @@ def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
                     for p in (tmp_path / "runs" / ".work").glob("prune-*/done.json"))
     assert cached == [False, True]
     assert (tmp_path / "docs" / "accuracy_vs_flops.png").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--gpu", "--quick"], "--gpu runs the headline plan"),
+    (["--budgets", "flops=2"], "budget must look like"),
+    (["--budget", "flops=0.4"], "--budget is set per variant"),
+    (["--keep-ratio", "0.5"], "--keep-ratio is set per variant"),
+    (["--baselines", "l1,magic"], "unknown baseline(s): ['magic']"),
+])
+def test_bad_study_input_is_one_line_and_exit_2(study, tmp_path, capsys, args, needle):
+    assert study.main([*args, "--out", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()

@@ -155,11 +155,31 @@ def test_headline_outputs_come_from_the_rows(study, tmp_path):
     assert "HRankPlus" in md and written["plot"].stat().st_size > 10_000
 
 
+class _SmallCNN(torch.nn.Module):
+    """Three convs for 8x8 digits: the GPU plan's whole road in seconds on the CPU."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.classifier = nn.Linear(16 * 2 * 2, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
 def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
-    """``--gpu`` on the CPU, one epoch on a few hundred digits: the baseline is trained (no checkpoint), both
-    budgets run, the second one reads the first one's measured sensitivity, and docs come from the bundles."""
-    code = study.main(["--gpu", "--device", "cpu", "--dataset", "digits", "--model", "vgg11_bn", "--criterion", "l1",
-                       "--baseline-epochs", "1", "--finetune-epochs", "1", "--train-subset", "300",
+    """``--gpu`` on the CPU, one epoch on a few hundred digits (a small CNN at 8x8 stands in for VGG16): the
+    baseline is trained (no checkpoint), both budgets run with the default criterion, the second one reads the
+    first one's measured sensitivity, and the docs come from the bundles."""
+    from toolchain.models import MODELS
+
+    if "small_cnn_for_tests" not in MODELS:
+        MODELS.register("small_cnn_for_tests")(lambda num_classes=10: _SmallCNN(num_classes))
+    code = study.main(["--gpu", "--device", "cpu", "--dataset", "digits", "--model", "small_cnn_for_tests",
+                       "--image-size", "8", "--baseline-epochs", "1", "--finetune-epochs", "1", "--train-subset", "300",
                        "--test-subset", "100", "--compensation-samples", "64", "--bn-recalibration", "100",
                        "--calibration-samples", "32", "--bench-runs", "2", "--bench-batch-sizes", "1",
                        "--out", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "-q"])
@@ -167,7 +187,8 @@ def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
     data = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert data["gpu"] and data["config"]["checkpoint"] is None and data["config"]["batch_size"] == 256
     runs = data["runs"]
-    assert [(r["budget"], r["status"]) for r in runs] == [("flops=0.4", "ok"), ("flops=0.2", "ok")]
+    assert [(r["budget"], r["status"], r["criterion"]) for r in runs] == [("flops=0.4", "ok", "recon"),
+                                                                          ("flops=0.2", "ok", "recon")]
     assert runs[0]["flops_ratio"] > runs[1]["flops_ratio"] and runs[1]["flops_ratio"] < 0.25
     assert all(r["test_images"] == 100 and "--budget" in r["command"] for r in runs)
     cached = sorted(json.loads(p.read_text())["allocation"]["sensitivity_cached"]

@@ -329,10 +329,9 @@ def baseline_plan(base: Config, levels: Sequence[Level], *, criteria: Sequence[s
 
 
 # -- running -----------------------------------------------------------------------------------------------
-def stage_seconds(bundle: Path) -> dict[str, float]:
+def stage_seconds(bundle: Path, manifest: dict[str, Any]) -> dict[str, float]:
     """Seconds each of the bundle's stages took when it was computed (its ``done.json``; a stage shared with
     another run or resumed after a kill counts the time of the run that finished it)."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
     out = {}
     for stage, folder in (manifest.get("stages") or {}).items():
         done = bundle.parent / ".work" / folder / "done.json"
@@ -362,7 +361,7 @@ def study_row(v: Variant, bundle: Path) -> dict[str, Any]:
         "compensation_seconds": m.get("compensation_seconds"),
         "command": shlex.join(["build-edge", *config_argv(v.cfg)]),
     })
-    seconds = stage_seconds(bundle)
+    seconds = stage_seconds(bundle, manifest)
     row["stage_seconds"] = seconds
     row["compute_seconds"] = round(sum(seconds.values()), 1)
     return row

@@ -872,8 +872,9 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
             headline.append(f"runs {_speedup(d1['p50_ms'], p1['p50_ms'])} at batch 1 on this host (measured)")
     if headline:
         intro += " In short: " + ", ".join(headline) + "."
-    if verdict(m):
-        intro = f"**{verdict(m)}** {intro}"
+    shows = verdict(m)
+    if shows:
+        intro = f"**{shows}** {intro}"
     quant = _dict(manifest.get("quantization"))
     if manifest.get("precision"):
         intro += f" Deployment precision: {manifest['precision']}"

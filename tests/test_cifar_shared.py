@@ -36,9 +36,9 @@ def test_l1_half_channels_on_shared_baseline(cifar_jpeg_dir, shared_baseline, tm
     assert len(arch["kept_counts"]) == 13
     assert all(k == c // 2 for k, c in zip(arch["kept_counts"].values(), arch["channels"].values()))
     assert 0.24 < m["flops_ratio"] < 0.27 and m["channels_removed"] == 4224 // 2
-    # ALGORITHMS.md 5: removal alone collapses accuracy; re-estimating BN statistics recovers much of it
+    # docs/design/algorithms.md §5: removal alone collapses accuracy; re-estimating BN statistics recovers much of it
     assert m["acc_pruned_bn_recalibrated"] > m["acc_pruned"] + 0.05
-    # ALGORITHMS.md 3: the least-squares refit of the consumers recovers far more (about 35% -> 80% here)
+    # docs/design/algorithms.md §3: the least-squares refit of the consumers recovers far more (about 35% -> 80% here)
     assert m["acc_oneshot"] > m["acc_pruned_bn_recalibrated"] + 0.2, m
     assert m["compensation_seconds"] > 0
     # fine-tuning with 0 epochs = BN re-estimation only; ONNX Runtime agrees with PyTorch on every image

@@ -49,7 +49,7 @@ def test_scree_ratio_definition_and_flat_tail():
     r = scree_ratios(c)
     assert r[0] == 0 and r[-1] == 0
     assert r[1] == pytest.approx(4.0) and r[2] == pytest.approx(2.0)
-    assert r[3] == 0.0  # denominator 0 (flat) -> 0, ALGORITHMS.md
+    assert r[3] == 0.0  # denominator 0 (flat) -> 0, docs/design/algorithms.md §2
     # float noise in a saturated tail is not an elbow
     noisy = np.r_[10.0, 2.0, 1.0, 1.0 + 1e-15, 1.0, 1.0 - 1e-15, 1.0]
     assert scree_cutoff(noisy) == 1

@@ -1,4 +1,4 @@
-"""Hardware target profiles: shipped YAML, facts from TARGETS.md, user overrides, errors."""
+"""Hardware target profiles: shipped YAML, facts from docs/design/targets.md, user overrides, errors."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_alias_jetson_is_orin_nano_8gb():
     assert load_target("jetson").name == "jetson-orin-nano-8gb"
 
 
-# (cuda cores, tensor cores, compute capability, memory GB, bandwidth GB/s, TensorRT major) from TARGETS.md
+# (cuda cores, tensor cores, compute capability, memory GB, bandwidth GB/s, TensorRT major) from docs/design/targets.md
 TARGETS_MD_GPU = {
     "jetson-orin-nano-4gb": (512, 16, "8.7", 4, 34, 10),
     "jetson-orin-nano-8gb": (1024, 32, "8.7", 8, 68, 10),
@@ -82,7 +82,7 @@ def test_raspberry_pi_and_x86_are_onnxruntime_cpu_targets():
 
 
 def test_int8_peaks_are_dense_not_sparse():
-    # TARGETS.md: Orin Nano 8GB 40 sparse, Orin Nano 4GB 20 sparse / 10 dense (GPU only, no DLA)
+    # docs/design/targets.md: Orin Nano 8GB 40 sparse, Orin Nano 4GB 20 sparse / 10 dense (GPU only, no DLA)
     assert load_target("jetson-orin-nano-8gb").gpu.int8_tops == pytest.approx(40 / 2)
     assert load_target("jetson-orin-nano-4gb").gpu.int8_tops == pytest.approx(10)
     # NX 16GB (100 sparse) and AGX 64GB (275 sparse) count the DLAs: the GPU's dense share is below half
@@ -135,7 +135,7 @@ def test_unverified_marks_follow_targets_md():
     assert {"gpu.cuda_cores", "gpu.tensor_cores", "memory_bandwidth_gbs"} <= set(agx)
     xnx = load_target("jetson-xavier-nx").unverified
     assert {"gpu.cuda_cores", "gpu.tensor_cores", "memory_bandwidth_gbs", "tensorrt_version"} <= set(xnx)
-    # facts TARGETS.md states without the flag stay verified
+    # facts docs/design/targets.md states without the flag stay verified
     assert "memory_bandwidth_gbs" not in load_target("jetson-orin-nano-8gb").unverified
     assert "memory_bandwidth_gbs" not in load_target("jetson-nano").unverified
     assert "gpu.cuda_cores" not in load_target("jetson-orin-nano-8gb").unverified

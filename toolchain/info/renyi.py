@@ -1,6 +1,6 @@
 """Matrix-based Renyi alpha-order entropy, mutual information and conditional MI.
 
-Pure tensor math (torch, CPU or CUDA), see ``ALGORITHMS.md`` section 1. Every function is
+Pure tensor math (torch, CPU or CUDA), see ``docs/design/algorithms.md`` §1. Every function is
 batched over leading dimensions and broadcasts them: a "Gram" is any tensor of shape
 ``(..., N, N)`` holding symmetric positive semi-definite matrices over the same N samples.
 
@@ -262,7 +262,7 @@ def conditional_mutual_information(a: torch.Tensor | Sequence[torch.Tensor], b: 
 
 
 def is_saturated(entropy: torch.Tensor | float, n: int, tol: float = 0.01) -> torch.Tensor | bool:
-    """True where an entropy is within ``tol`` (relative) of its ceiling ``ln n`` (section 5)."""
+    """True where an entropy is within ``tol`` (relative) of its ceiling ``ln n`` (docs/design/algorithms.md §5)."""
     ceiling = math.log(n)
     if isinstance(entropy, torch.Tensor):
         return entropy >= (1.0 - tol) * ceiling

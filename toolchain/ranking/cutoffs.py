@@ -59,7 +59,7 @@ def scree_ratios(curve: Sequence[float], tol: float = 1e-6) -> np.ndarray:
 
     Differences within ``tol`` times the curve's range count as 0 (the steps of a flat,
     saturated tail are float noise whose ratios would otherwise win), and ``r_k = 0`` where the
-    denominator is 0 (ALGORITHMS.md section 2).
+    denominator is 0 (docs/design/algorithms.md §2).
     """
     c = _curve(curve)
     d = c[:-1] - c[1:]  # d[k] = c_k - c_{k+1}

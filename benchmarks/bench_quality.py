@@ -42,11 +42,11 @@ from bench_mipp import load_data  # noqa: E402  (the sibling script: one way to 
 
 from toolchain.allocation import allocate, layer_sensitivity  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
+from toolchain.data import DeviceLoader, balanced_indices  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
 from toolchain.ranking import CRITERIA, load_criteria  # noqa: E402
 from toolchain.ranking.base import LayerRanking, default_samples  # noqa: E402
 from toolchain.ranking.cutoffs import parse_budget  # noqa: E402
-from toolchain.stages.data import DeviceLoader, balanced_indices  # noqa: E402
 from toolchain.stages.prune import (  # noqa: E402
     consumer_outputs,
     count_flops_params,
@@ -55,7 +55,7 @@ from toolchain.stages.prune import (  # noqa: E402
     prune_model,
 )
 from toolchain.stages.rank import rank_channels  # noqa: E402
-from toolchain.train.engine import evaluate, recalibrate_batchnorm  # noqa: E402
+from toolchain.train.loop import evaluate, recalibrate_batchnorm  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 DEFAULT_CRITERIA = ("recon,random,l1,bn-scale,taylor,cmi:kernel=adaptive:preserve=next,cmi:kernel=adaptive,"

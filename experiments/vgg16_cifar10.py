@@ -633,7 +633,7 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
 
 def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
                   levels: list[Level]) -> dict[str, Path]:
-    from toolchain.stages.report import write_sweep_report
+    from toolchain.report import write_sweep_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if summary.get("plan") == "headline":
@@ -677,7 +677,7 @@ def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list
 
 # -- command line ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from toolchain.cli import _add_config_flags
+    from toolchain.cli import add_config_flags
 
     parser = argparse.ArgumentParser(
         prog="experiments/vgg16_cifar10.py",
@@ -713,18 +713,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FLOPs fractions closer than this share one matched level (default %(default)s)")
     parser.add_argument("--plan-only", action="store_true", help="print the primary variants and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    _add_config_flags(parser)
+    add_config_flags(parser)
     return parser
 
 
 def resolve_base(args: argparse.Namespace) -> tuple[Config, list[bool]]:
     """defaults <- recipe YAML <- mode preset <- CIFAR-10 data defaults <- flags; returns (config, distill modes)."""
-    from toolchain.cli import _flag_values
+    from toolchain.cli import flag_values
 
     if any(k.startswith("opt_") and v is not None for k, v in vars(args).items()):
         raise UserError("criterion options (--formulation, --cutoff, --budget, --mipp-estimator, ...) are set per "
                         "variant by the study; they cannot be given")
-    flags = _flag_values(args)
+    flags = flag_values(args)
     per_variant = ("keep_ratio", "keep", "budget") if args.plan == "headline" else ("criterion", "keep_ratio", "keep")
     for key in per_variant:
         if flags.get(key) is not None:

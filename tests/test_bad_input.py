@@ -314,17 +314,18 @@ def test_20_the_target_bounds_the_opset(tmp_path, capsys):
 def test_19_the_baseline_key_holds_the_momentum(tmp_path, monkeypatch):
     """Stop each run at its baseline stage and compare the keys: --momentum must change it."""
     from toolchain import pipeline
+    from toolchain.stages.base import digest_of
 
     keys = []
 
     class Stop(Exception):
         pass
 
-    def record(self, name, key, fn, **kw):
-        keys.append(key)
+    def record(stage, inputs, ctx):
+        keys.append(digest_of(stage.NAME, inputs))
         raise Stop
 
-    monkeypatch.setattr(pipeline.StageCache, "run", record)
+    monkeypatch.setattr(pipeline, "run_stage", record)
     for momentum in ("0.9", "0.8"):
         with pytest.raises(Stop):
             main([*TINY, "--out", str(tmp_path / "out"), "--momentum", momentum])

@@ -268,3 +268,18 @@ def test_criterion_flags_do_not_collide_with_config_flags():
 
     build_parser()  # argparse refuses two options with one name
     assert not set(CRITERION_FLAGS) & {f.name for f in fields(Config)}
+
+
+def test_the_command_of_a_run_rebuilds_its_criterion_options():
+    """Store-true options (--at-init) and list values come back as the parser reads them; an option that
+    has no flag (YAML only) is refused rather than left out of the command."""
+    from toolchain.cli import build_parser, config_argv, flag_values
+    from toolchain.config import build_config
+
+    cfg = build_config({}, {"criterion": "mipp", "criterion_options": {"at_init": True, "repeats": 3}})
+    assert build_config({}, flag_values(build_parser().parse_args(config_argv(cfg)))) == cfg
+    off = build_config({}, {"criterion": "mipp", "criterion_options": {"at_init": False}})
+    assert "False" not in config_argv(off)
+    build_parser().parse_args(config_argv(off))  # argparse accepts it
+    with pytest.raises(ValueError, match="no flag"):
+        config_argv(build_config({}, {"criterion": "cmi", "criterion_options": {"samples": 64}}))

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
+from toolchain.data import DeviceLoader, balanced_indices, load_dataset, random_crop_flip
 from toolchain.errors import UserError
-from toolchain.stages.data import DeviceLoader, balanced_indices, load_dataset, random_crop_flip
 
 
 def test_balanced_indices_are_balanced_unique_and_seeded():

@@ -18,10 +18,10 @@ WORKER = textwrap.dedent('''
 
     import torch
     from toolchain.models import create_model
-    from toolchain.stages.data import DeviceLoader, load_dataset
+    from toolchain.data import DeviceLoader, load_dataset
     from toolchain.stages.finetune import finetune
     from toolchain.train import distributed as dist_utils
-    from toolchain.train.engine import Recipe
+    from toolchain.train.loop import Recipe
 
     device = dist_utils.init_from_env("cpu")
     rank, world = dist_utils.rank(), dist_utils.world_size()

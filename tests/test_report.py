@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.stages.report import write_report
+from toolchain.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -249,7 +249,7 @@ def test_minimal_manifest_still_reports(tmp_path):
 
 
 def test_odd_values_and_a_failing_plot_do_not_fail_the_bundle(tmp_path, monkeypatch):
-    from toolchain.stages import report
+    from toolchain import report
 
     manifest = make_manifest()
     m = manifest["metrics"]
@@ -261,7 +261,7 @@ def test_odd_values_and_a_failing_plot_do_not_fail_the_bundle(tmp_path, monkeypa
     def boom(_manifest):
         raise RuntimeError("no luck")
 
-    monkeypatch.setattr(report, "_plot_channels", boom)
+    monkeypatch.setattr(report.plots, "channels_per_layer", boom)
     written = write_report(tmp_path, manifest, rankings={"features.0": {"info": {"cmi": []}}}, sweep=[{"label": "x"}])
     md = (tmp_path / "report.md").read_text()
     assert "could not be drawn: RuntimeError: no luck" in md
@@ -272,10 +272,22 @@ def test_odd_values_and_a_failing_plot_do_not_fail_the_bundle(tmp_path, monkeypa
 
 @pytest.mark.parametrize("acc, kept", [(0.945, True), (0.93, True), (0.929, False)])
 def test_verdict_says_whether_the_accuracy_was_kept(acc, kept):
-    from toolchain.stages.report import verdict
+    from toolchain.report import verdict
 
     text = verdict({"acc_finetuned": acc, "acc_dense": 0.94, "flops_ratio": 0.25})
     assert ("keeps the dense model's accuracy" in text) is kept
     assert ("loses" in text) is not kept and "25.00% of the dense FLOPs" in text
     assert f"{100 * acc:.2f}%" in text
     assert verdict({"acc_dense": 0.94, "flops_ratio": 0.25}) == ""  # nothing fine-tuned: nothing to say
+
+
+@pytest.mark.parametrize("name, parts", [("dense/fp32", ("dense", None, "fp32")),
+                                         ("pruned/int8", ("pruned", None, "int8")),
+                                         ("pruned-tensorrt/fp16", ("pruned", "tensorrt", "fp16")),
+                                         ("dense", ("dense", None, None))])
+def test_variant_names_parse_and_print_back(name, parts):
+    from toolchain.report import Variant
+
+    variant = Variant.parse(name)
+    assert (variant.model, variant.backend, variant.precision) == parts
+    assert str(variant) == name and Variant(*parts) == variant

@@ -2,7 +2,7 @@
 
 A uniform ratio treats every layer alike, but layers differ a lot in what a cut costs: on the
 shared VGG16 the late 512-channel blocks are highly redundant while the first blocks are not
-(ALGORITHMS.md section 3: removing more from late blocks gave 87.2% at 37.7% of the FLOPs
+(docs/design/algorithms.md §3: removing more from late blocks gave 87.2% at 37.7% of the FLOPs
 against 85.1% at 36.1% for a uniform cut). The paper's CMI-curve allocation compares curves
 that are not on a common scale and gave absurd allocations (7 of 64 channels in layer 0), so
 the allocation here works for every criterion and measures what matters:
@@ -61,7 +61,7 @@ def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], ranking
     """Per layer, ``[[kept_fraction, KL], ...]`` (1.0 -> 0 included) from cutting that layer alone."""
     from toolchain.compensation import compensate
     from toolchain.stages.prune import consumer_outputs, prune_model
-    from toolchain.train.engine import recalibrate_batchnorm
+    from toolchain.train.loop import recalibrate_batchnorm
 
     dense = dense.eval()
     reference = torch.cat([F.log_softmax(dense(probe[a:a + 128]).double(), 1) for a in range(0, len(probe), 128)])

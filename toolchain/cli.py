@@ -6,6 +6,7 @@ Bad input of any kind ends as one line on stderr and exit code 2, with nothing w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -43,26 +44,21 @@ HELP = {
     "bench_batch_sizes": "comma-separated batch sizes to benchmark (default: 1 and the target's)",
     "amp": "mixed precision: auto (bf16 on GPUs and on CPUs with native bf16), bf16 or off",
 }
-# criterion options exposed as their own flags: flag -> (type, help)
-CRITERION_FLAGS: dict[str, tuple[Any, str]] = {
-    "formulation": (str, "cmi: per-layer, compact or full"),
-    "order": (str, "cmi: forward or bidirectional"),
-    "cutoff": (str, "cmi: scree, xmeans, permutation, knee or ratio"),
-    "alpha": (float, "cmi/mipp: Renyi entropy order (2 = fast Frobenius path, 1.01 = paper)"),
-    "gamma": (float, "cmi/mipp: kernel width factor of the paper's rule"),
-    "permutations": (int, "cmi: permutations of the stopping test"),
-    "eta": (float, "cmi: significance of the permutation stopping test"),
-    "kernel": (str, "cmi: exact (the paper's kernel widths) or adaptive (median widths, no saturation)"),
-    "preserve": (str, "cmi: what the selection preserves: labels (the papers') or next (the next layer's "
-                      "response; adaptive kernel)"),
-    "recon_weight": (str, "recon: weight of each output channel's error: loss (gradient, default), bn or none"),
-    "recon_search": (str, "recon: forward (grow the kept set) or backward (drop channels from the full set)"),
-    "mipp_estimator": (str, "mipp: renyi or mlp"),
-    "mipp_kernel": (str, "mipp: median (default) or paper kernel widths for the renyi estimator"),
-    "repeats": (int, "mipp: repeats of each mlp estimate"),
-    "mlp_layers": (str, "mipp: comma-separated layers to run the mlp estimator on (others use renyi)"),
-    "confidence": (float, "mipp: confidence of the redundancy test"),
-}
+
+
+@functools.cache
+def criterion_flags() -> dict[str, tuple[Any, str]]:
+    """Criterion option key -> (type, help) of its flag ``--key-with-dashes`` (dest ``opt_<key>``), generated
+    from the criteria's option classes (toolchain.ranking.options); bool options are switches (--at-init)."""
+    from toolchain.ranking.options import option_flags
+
+    return option_flags()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CRITERION_FLAGS":  # made on first use: it imports the criteria (and torch), importing cli does not
+        return criterion_flags()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +67,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Every config field as a flag (dest: the field), plus --samples, --keep and the criterion options' flags
+    (dest ``opt_<key>``); ``flag_values`` reads them back. For scripts that build their own parser."""
     for f in fields(Config):
         if f.name in ("criterion_options", "keep"):
             continue
@@ -86,10 +84,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", dest="rank_samples", type=int, default=None, help=HELP["rank_samples"])
     parser.add_argument("--keep", action="append", default=None, metavar="LAYER=VALUE",
                         help="per-layer kept ratio (<=1) or count (>1), repeatable, e.g. features.0=0.5")
-    for name, (kind, text) in CRITERION_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=f"opt_{name}", type=kind, default=None, help=text)
-    parser.add_argument("--at-init", dest="opt_at_init", action="store_true", default=None,
-                        help="mipp: prune the freshly initialised model, then train it")
+    for name, (kind, text) in criterion_flags().items():
+        flag, dest = "--" + name.replace("_", "-"), f"opt_{name}"
+        if kind is bool:  # a switch; None when absent, so that the option stays unset
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                         help="run one variant per value (repeatable: the product), e.g. criterion=l1,random,cmi "
                              "or keep_ratio=0.6,0.4; writes one comparison table and plot")
-    _add_config_flags(parser)
+    add_config_flags(parser)
     return parser
+
+
+def _criterion_option_argv(options: dict[str, Any]) -> list[str]:
+    """Flags for criterion options; an option without a flag (it would collide with a config flag) can only
+    come from a YAML file, so no command line rebuilds it: ValueError rather than a wrong command."""
+    from toolchain.ranking.options import option_flags
+
+    flags, argv = option_flags(), []
+    for key, v in options.items():
+        if key not in flags:
+            raise ValueError(f"criterion option {key} has no flag: the run needs a --config file holding it")
+        if flags[key][0] is bool:
+            argv += ["--" + key.replace("_", "-")] if v else []  # a store-true flag: absent means false
+        else:
+            argv += ["--" + key.replace("_", "-"), ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return argv
 
 
 def config_argv(cfg: Config) -> list[str]:
@@ -120,8 +136,7 @@ def config_argv(cfg: Config) -> list[str]:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "criterion_options":
-            for key, v in value.items():
-                argv += ["--at-init"] if key == "at_init" and v is True else ["--" + key.replace("_", "-"), str(v)]
+            argv += _criterion_option_argv(value)
         elif f.name == "keep":
             for layer, v in value.items():
                 argv += ["--keep", f"{layer}={v}"]
@@ -134,7 +149,8 @@ def config_argv(cfg: Config) -> list[str]:
     return argv
 
 
-def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values the flags of ``add_config_flags`` give (unset flags left out), for ``build_config``."""
     values = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     if args.keep:
         per_layer = {}
@@ -151,6 +167,9 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     if options:
         values["criterion_options"] = options
     return values
+
+
+_add_config_flags, _flag_values = add_config_flags, flag_values  # the old private names (tests, older scripts)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -220,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_targets_table())
             return 0
         file_values = load_yaml(args.config) if args.config else {}
-        cfg = build_config(file_values, _flag_values(args))
+        cfg = build_config(file_values, flag_values(args))
         if args.quiet:
             import os
 
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             from toolchain.sweep import parse_axes, run_sweep
 
-            folder = run_sweep(cfg, parse_axes(args.sweep, set(CRITERION_FLAGS) | {"at_init"}))
+            folder = run_sweep(cfg, parse_axes(args.sweep, set(criterion_flags())))
             print(f"sweep: {folder}")
             return 0
         from toolchain.pipeline import run_pipeline
@@ -243,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"build-edge: build failed: {e}\n")
         return 1
     if dist_utils.is_main():
-        from toolchain.stages.report import verdict
+        from toolchain.report import verdict
 
         print(verdict(json.loads((bundle / "manifest.json").read_text()).get("metrics") or {}))
         print(f"bundle: {bundle}")

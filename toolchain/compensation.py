@@ -5,7 +5,7 @@ were trained with that input present, so its output drifts, and the drift compou
 layer. Most of what a removed channel carried is still linearly predictable from the channels
 that stay (channels of one layer are strongly correlated), so a least-squares refit of each
 consumer recovers most of it (He et al. 2017, "Channel pruning"; ThiNet 2017). Measured on the
-shared VGG16 baseline (ALGORITHMS.md section 3) it lifts one-shot accuracy far more than the
+shared VGG16 baseline (docs/design/algorithms.md §3) it lifts one-shot accuracy far more than the
 choice of channels does.
 
 What is fitted, per consumer (conv or linear) whose inputs shrank, in network order:
@@ -221,37 +221,13 @@ def _write_rows(module: nn.Module, rows: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consumers: dict[str, list[int] | None], *,
-               ridge: float = 1e-2, positions_per_image: int = 64, rows_per_unknown: float = 1.0,
-               max_views: int = 12, batch_size: int = 128, seed: int = 0,
-               dense_targets: dict[tuple, torch.Tensor] | None = None) -> CompensationReport:
-    """Refit ``consumers`` of ``pruned`` in place so their outputs match ``dense``'s (module docstring).
-
-    ``consumers``: module name (the same in both models) -> the dense output channels the pruned
-    module keeps (None: all). ``images``: normalised training images on the models' device.
-    Consumers of small maps see augmented views of the images as well (``augmented_view``)
-    until they have about ``rows_per_unknown`` rows per unknown, at most ``max_views`` views.
-    Returns per consumer the relative reconstruction error on the fitting samples before and
-    after the refit, the number of samples and of unknowns. A consumer that had no bias gets one.
-    ``dense_targets``: a dict kept by a caller that refits cuts of the same layer again and again with the
-    same ``dense`` and ``images`` (the allocator's sensitivity probes): the dense outputs go in once and are
-    read back by the later calls that need the same sampled positions, instead of a dense pass each time.
-    """
-    t0 = time.perf_counter()
-    pruned.eval()
-    dense.eval()
-    order = consumer_order(pruned, images[:1], set(consumers))
-    p_mods, d_mods = dict(pruned.named_modules()), dict(dense.named_modules())
-    probe = module_inputs(pruned, p_mods, order, images[:1])
-    lengths = {n: patch_rows(p_mods[n], x).shape[-1] for n, x in probe.items()}
-    views = {n: views_needed(len(images) * min(lengths[n], positions_per_image), p_mods[n].weight[0].numel() + 1,
-                             rows_per_unknown=rows_per_unknown, max_views=max_views) for n in order}
-    gen = torch.Generator().manual_seed(seed)
-    picks = {(n, v): torch.stack([torch.randperm(lengths[n], generator=gen)[:positions_per_image]
-                                  for _ in range(len(images))]) for n in order for v in range(views[n])}
-    batches = [(a, min(a + batch_size, len(images))) for a in range(0, len(images), batch_size)]
-    # dense targets: one pass per view for every consumer that uses the view (and has no cached target)
-    cache: dict[tuple, torch.Tensor] = {} if dense_targets is None else dense_targets
+def _dense_targets(dense: nn.Module, order: list[str], consumers: dict[str, list[int] | None], images: torch.Tensor,
+                   views: dict[str, int], picks: dict[tuple, torch.Tensor], batches: list[tuple[int, int]],
+                   cache: dict[tuple, torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """The dense outputs each consumer is refitted towards, at its sampled positions, per view and batch:
+    one dense pass per view and batch for the consumers that use the view and have no target in `cache`,
+    stopped once they all have theirs."""
+    d_mods = dict(dense.named_modules())
 
     def target_key(name: str, v: int, a: int, b: int) -> tuple:
         kept = consumers[name]
@@ -284,15 +260,46 @@ def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consum
     finally:
         for h in handles:
             h.remove()
-    targets = {(n, v): [cache[target_key(n, v, a, b)] for a, b in batches] for n, v in picks}
+    return {(n, v): [cache[target_key(n, v, a, b)] for a, b in batches] for n, v in picks}
+
+
+def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consumers: dict[str, list[int] | None], *,
+               ridge: float = 1e-2, positions_per_image: int = 64, rows_per_unknown: float = 1.0,
+               max_views: int = 12, batch_size: int = 128, seed: int = 0,
+               dense_targets: dict[tuple, torch.Tensor] | None = None) -> CompensationReport:
+    """Refit ``consumers`` of ``pruned`` in place so their outputs match ``dense``'s (module docstring).
+
+    ``consumers``: module name (the same in both models) -> the dense output channels the pruned
+    module keeps (None: all). ``images``: normalised training images on the models' device.
+    Consumers of small maps see augmented views of the images as well (``augmented_view``)
+    until they have about ``rows_per_unknown`` rows per unknown, at most ``max_views`` views.
+    Returns per consumer the relative reconstruction error on the fitting samples before and
+    after the refit, the number of samples and of unknowns. A consumer that had no bias gets one.
+    ``dense_targets``: a dict kept by a caller that refits cuts of the same layer again and again with the
+    same ``dense`` and ``images`` (the allocator's sensitivity probes): the dense outputs go in once and are
+    read back by the later calls that need the same sampled positions, instead of a dense pass each time.
+    """
+    t0 = time.perf_counter()
+    pruned.eval()
+    dense.eval()
+    order = consumer_order(pruned, images[:1], set(consumers))
+    p_mods = dict(pruned.named_modules())
+    probe = module_inputs(pruned, p_mods, order, images[:1])
+    lengths = {n: patch_rows(p_mods[n], x).shape[-1] for n, x in probe.items()}
+    views = {n: views_needed(len(images) * min(lengths[n], positions_per_image), p_mods[n].weight[0].numel() + 1,
+                             rows_per_unknown=rows_per_unknown, max_views=max_views) for n in order}
+    gen = torch.Generator().manual_seed(seed)
+    picks = {(n, v): torch.stack([torch.randperm(lengths[n], generator=gen)[:positions_per_image]
+                                  for _ in range(len(images))]) for n in order for v in range(views[n])}
+    batches = [(a, min(a + batch_size, len(images))) for a in range(0, len(images), batch_size)]
+    cache: dict[tuple, torch.Tensor] = {} if dense_targets is None else dense_targets
+    targets = _dense_targets(dense, order, consumers, images, views, picks, batches, cache)
     if dense_targets is None:
         cache.clear()
     report = CompensationReport(images=len(images))
     for name in order:
         pm = p_mods[name]
-        groups = getattr(pm, "groups", 1)
-        d = pm.weight[0].numel()
-        acc = _Accumulator(groups, d, pm.weight.shape[0], images.device)
+        acc = _Accumulator(getattr(pm, "groups", 1), pm.weight[0].numel(), pm.weight.shape[0], images.device)
         for v in range(views[name]):
             for (a, b), ys in zip(batches, targets.pop((name, v))):
                 x = patch_rows(pm, _run_until(pruned, pm, augmented_view(images[a:b], v), want="input"))
@@ -305,6 +312,6 @@ def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consum
             report.bias_added.append(name)
         _write_rows(pm, w)
         report.consumers[name] = {"error_before": before, "error_after": after, "samples": acc.rows,
-                                  "unknowns": d + 1, "views": views[name]}
+                                  "unknowns": pm.weight[0].numel() + 1, "views": views[name]}
     report.seconds = time.perf_counter() - t0
     return report

@@ -17,7 +17,7 @@ from typing import Any
 from toolchain.config import Config, build_config
 from toolchain.errors import UserError
 from toolchain.pipeline import preflight, run_pipeline
-from toolchain.stages.report import write_sweep_report
+from toolchain.report import write_sweep_report
 from toolchain.util import atomic_write_json
 
 log = logging.getLogger("build_edge")

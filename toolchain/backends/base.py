@@ -283,6 +283,20 @@ def benchmark(
         backend=backend_name, model_path=model, batch_sizes=batch_sizes, threads=threads, warmup=warmup,
         runs=runs, memory_budget_mb=memory_budget_mb, input_shape=list(input_shape), seed=seed,
     )  # fmt: skip
+    rc, stderr, data, wall = _run_child(request, threads, timeout_s)
+    result = (
+        result_from_dict({**data, **mem})
+        if data is not None
+        else _empty_result(backend_name, model, **common)
+    )
+    result.wall_s, result.stderr_tail = wall, stderr[-2000:]
+    _explain_exit(result, rc, data is not None, memory_budget_mb, timeout_s)
+    return result
+
+
+def _run_child(request: dict[str, Any], threads: int, timeout_s: float | None):
+    """Run the request in ``toolchain.backends.runner``: (exit code or None on timeout, its output, its
+    result or None, wall seconds)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
@@ -304,19 +318,17 @@ def benchmark(
             out = e.stdout or ""
             rc, stderr = None, (out.decode(errors="replace") if isinstance(out, bytes) else out)
         data = json.loads(out_path.read_text()) if out_path.is_file() else None
-    wall = time.perf_counter() - t0
-    tail = stderr[-2000:]
+    return rc, stderr, data, time.perf_counter() - t0
 
-    result = (
-        result_from_dict({**data, **mem})
-        if data is not None
-        else _empty_result(backend_name, model, **common)
-    )
-    result.wall_s, result.stderr_tail = wall, tail
-    last_line = next((ln for ln in reversed(tail.strip().splitlines()) if ln.strip()), "")[:300]
+
+def _explain_exit(result: BenchResult, rc: int | None, wrote_result: bool, memory_budget_mb: int | None,
+                  timeout_s: float | None) -> None:
+    """Status, fits and reason of a child that timed out, wrote nothing or died (a memory signal under a
+    budget means the model does not fit)."""
+    last_line = next((ln for ln in reversed(result.stderr_tail.strip().splitlines()) if ln.strip()), "")[:300]
     if rc is None:
         result.status, result.fits, result.reason = "error", None, f"timed out after {timeout_s} s"
-    elif rc == 0 and data is None:
+    elif rc == 0 and not wrote_result:
         result.status, result.fits = "error", None
         result.reason = f"the benchmark process wrote no result: {last_line}"
     elif rc != 0:  # crashed: whatever the child wrote is partial
@@ -333,7 +345,6 @@ def benchmark(
         else:
             result.status, result.fits = "error", None
             result.reason = f"{died}: {last_line}"
-    return result
 
 
 __all__ = [

@@ -55,21 +55,62 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _limit_address_space(budget_mb: int) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = budget_mb * 2**20
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _time_batch(backend, bs: int, request: dict[str, Any], dtype):
+    """`warmup` untimed then `runs` timed inferences of one batch size: the BatchStats."""
+    import numpy as np
+
+    from toolchain.backends.base import BatchStats, make_input
+
+    warmup, runs = int(request["warmup"]), int(request["runs"])
+    x = make_input(bs, request["input_shape"], dtype, request["seed"])
+    y = None
+    for _ in range(warmup):
+        y = backend.infer(x)
+    times = np.empty(runs, dtype=np.float64)
+    for i in range(runs):
+        t0 = time.perf_counter_ns()
+        y = backend.infer(x)
+        times[i] = (time.perf_counter_ns() - t0) / 1e6
+    y = np.asarray(y)
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    mean = float(times.mean())
+    return BatchStats(
+        batch_size=bs, runs=runs, warmup=warmup, p50_ms=float(p50), p90_ms=float(p90),
+        p99_ms=float(p99), mean_ms=mean, std_ms=float(times.std(ddof=1)) if runs > 1 else 0.0,
+        min_ms=float(times.min()), max_ms=float(times.max()),
+        throughput_ips=bs / (mean / 1e3) if mean > 0 else float("inf"),
+        peak_rss_mb=_status_mb().get("VmHWM", _ru_maxrss_mb()), output_shape=list(y.shape),
+        output_head=[float(v) for v in y[0].reshape(-1)[:64]] if y.ndim and len(y) else [],
+        times_ms=[float(t) for t in times],
+    )  # fmt: skip
+
+
+def _new_result(request: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        backend=request["backend"], model_path=request["model_path"], status="running", fits=None,
+        reason=None, batches=[], threads=request["threads"], threads_used=None,
+        memory_budget_mb=request.get("memory_budget_mb"), budget_enforced=None, input_shape=request["input_shape"],
+        input_dtype=None, seed=request["seed"], warmup=request["warmup"], runs=request["runs"], weights_bytes=None,
+        largest_activation_bytes=None, largest_activation_name=None, baseline_vm_mb=None, baseline_rss_mb=None,
+        peak_rss_mb=None, peak_vm_mb=None, ru_maxrss_mb=None, device_peak_mb=None, device=None, versions={},
+    )  # fmt: skip
+
+
 def run(request: dict[str, Any], out_path: Path) -> dict[str, Any]:
     import numpy as np
 
     from toolchain.backends import BACKENDS
-    from toolchain.backends.base import BatchStats, make_input
 
     budget = request.get("memory_budget_mb")
-    result: dict[str, Any] = dict(
-        backend=request["backend"], model_path=request["model_path"], status="running", fits=None,
-        reason=None, batches=[], threads=request["threads"], threads_used=None, memory_budget_mb=budget,
-        budget_enforced=None, input_shape=request["input_shape"], input_dtype=None, seed=request["seed"],
-        warmup=request["warmup"], runs=request["runs"], weights_bytes=None, largest_activation_bytes=None,
-        largest_activation_name=None, baseline_vm_mb=None, baseline_rss_mb=None, peak_rss_mb=None,
-        peak_vm_mb=None, ru_maxrss_mb=None, device_peak_mb=None, device=None, versions={},
-    )  # fmt: skip
+    result = _new_result(request)
 
     def finish(status: str, fits: bool | None, reason: str | None = None) -> dict[str, Any]:
         st = _status_mb()
@@ -98,11 +139,7 @@ def run(request: dict[str, Any], out_path: Path) -> dict[str, Any]:
                     "does_not_fit", False,
                     f"the runtime alone maps {base_vm:.0f} MB of address space, over the {budget} MB budget",
                 )  # fmt: skip
-            _, hard = resource.getrlimit(resource.RLIMIT_AS)
-            soft = budget * 2**20
-            if hard != resource.RLIM_INFINITY:
-                soft = min(soft, hard)
-            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            _limit_address_space(budget)
         elif budget is not None:
             result["budget_enforced"] = "checked_after_run"
 
@@ -112,31 +149,9 @@ def run(request: dict[str, Any], out_path: Path) -> dict[str, Any]:
         result["input_dtype"] = str(np.dtype(dtype))
         _write(out_path, result)
 
-        warmup, runs = int(request["warmup"]), int(request["runs"])
         for bs in request["batch_sizes"]:
             stage = f"batch {bs}"
-            x = make_input(bs, request["input_shape"], dtype, request["seed"])
-            y = None
-            for _ in range(warmup):
-                y = backend.infer(x)
-            times = np.empty(runs, dtype=np.float64)
-            for i in range(runs):
-                t0 = time.perf_counter_ns()
-                y = backend.infer(x)
-                times[i] = (time.perf_counter_ns() - t0) / 1e6
-            y = np.asarray(y)
-            p50, p90, p99 = np.percentile(times, [50, 90, 99])
-            mean = float(times.mean())
-            stats = BatchStats(
-                batch_size=bs, runs=runs, warmup=warmup, p50_ms=float(p50), p90_ms=float(p90),
-                p99_ms=float(p99), mean_ms=mean, std_ms=float(times.std(ddof=1)) if runs > 1 else 0.0,
-                min_ms=float(times.min()), max_ms=float(times.max()),
-                throughput_ips=bs / (mean / 1e3) if mean > 0 else float("inf"),
-                peak_rss_mb=_status_mb().get("VmHWM", _ru_maxrss_mb()), output_shape=list(y.shape),
-                output_head=[float(v) for v in y[0].reshape(-1)[:64]] if y.ndim and len(y) else [],
-                times_ms=[float(t) for t in times],
-            )  # fmt: skip
-            result["batches"].append(stats.__dict__)
+            result["batches"].append(_time_batch(backend, bs, request, dtype).__dict__)
             _write(out_path, result)
         stage = "close"
         result["device_peak_mb"] = backend.device_peak_bytes() / 2**20

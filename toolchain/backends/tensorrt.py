@@ -132,6 +132,20 @@ def _parse_onnx(network: trt.INetworkDefinition, logger: trt.ILogger, onnx_path:
         raise UserError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
 
 
+def _check_input(onnx_path: Path, tensor: Any, input_shape: tuple[int, int, int], batch_sizes: list[int]) -> None:
+    """The network's one input must be N x input_shape, with a dynamic batch unless all sizes are its own."""
+    dims = _dims(tensor.shape)
+    if len(dims) != 1 + len(input_shape):
+        raise UserError(f"{onnx_path.name}: input {tensor.name} has shape {dims}, expected N x {input_shape}")
+    for got, want in zip(dims[1:], input_shape):
+        if got not in (-1, want):
+            raise UserError(f"{onnx_path.name}: input {tensor.name} has shape {dims}, expected N x {input_shape}")
+    lo, hi = min(batch_sizes), max(batch_sizes)
+    if dims[0] != -1 and (lo != dims[0] or hi != dims[0]):
+        raise UserError(f"{onnx_path.name} has a fixed batch of {dims[0]}; export it with a dynamic batch axis "
+                        f"to build for batch sizes {sorted(set(batch_sizes))}")
+
+
 def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, workspace_mb: int, batch_sizes: list[int],
                  input_shape: tuple[int, int, int] = (3, 32, 32), timing_cache: Path,
                  opt_batch: int | None = None) -> dict[str, Any]:
@@ -164,15 +178,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, workspac
     if network.num_inputs != 1:
         raise UserError(f"{onnx_path.name}: expected one input, found {network.num_inputs}")
     tensor = network.get_input(0)
-    dims = _dims(tensor.shape)
-    if len(dims) != 1 + len(input_shape):
-        raise UserError(f"{onnx_path.name}: input {tensor.name} has shape {dims}, expected N x {input_shape}")
-    for got, want in zip(dims[1:], input_shape):
-        if got not in (-1, want):
-            raise UserError(f"{onnx_path.name}: input {tensor.name} has shape {dims}, expected N x {input_shape}")
-    if dims[0] != -1 and (lo != dims[0] or hi != dims[0]):
-        raise UserError(f"{onnx_path.name} has a fixed batch of {dims[0]}; export it with a dynamic batch axis "
-                        f"to build for batch sizes {sorted(set(batch_sizes))}")
+    _check_input(onnx_path, tensor, input_shape, batch_sizes)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
@@ -203,19 +209,11 @@ def build_engine(onnx_path: Path, engine_path: Path, *, precision: str, workspac
     device = _cuda_device()
     gpu_name, capability = device if device is not None else ("unknown", "unknown")
     return {
-        "engine": str(engine_path),
-        "engine_bytes": engine_path.stat().st_size,
-        "engine_sha256": hashlib.sha256(data).hexdigest(),
-        "onnx": str(onnx_path),
-        "tensorrt_version": version,
-        "gpu": gpu_name,
-        "compute_capability": capability,
-        "precision": precision,
-        "strongly_typed": strongly_typed,
-        "builder_flags": builder_flags,
-        "onnx_has_qdq": facts["qdq"],
-        "onnx_fp16": facts["fp16"],
-        "workspace_mb": int(workspace_mb),
+        "engine": str(engine_path), "engine_bytes": engine_path.stat().st_size,
+        "engine_sha256": hashlib.sha256(data).hexdigest(), "onnx": str(onnx_path),
+        "tensorrt_version": version, "gpu": gpu_name, "compute_capability": capability,
+        "precision": precision, "strongly_typed": strongly_typed, "builder_flags": builder_flags,
+        "onnx_has_qdq": facts["qdq"], "onnx_fp16": facts["fp16"], "workspace_mb": int(workspace_mb),
         "input": tensor.name,
         "profile": {"min": [lo, *input_shape], "opt": [opt, *input_shape], "max": [hi, *input_shape]},
         "timing_cache": str(timing_cache),

@@ -79,16 +79,8 @@ def _hw(input_size: int | Sequence[int]) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def write_kit(bundle_dir: Path, *, model_files: Mapping[str, str], target: Any, labels: Sequence[str],
-              mean: Sequence[float], std: Sequence[float], input_size: int | Sequence[int],
-              layout: str = "NCHW") -> list[str]:
-    """Write the on-device kit into ``<bundle_dir>/kit``; returns the written paths relative to the bundle.
-
-    `model_files` maps precision (fp32/fp16/int8) to a model path relative to the bundle: the FP32 ONNX,
-    the FP16 ONNX (TensorRT 11's fp16) and the symmetric Q/DQ INT8 ONNX. `target` is the target profile
-    (a TargetProfile or its dict: name, tensorrt_major, tensorrt_version, workspace_mb, batch_sizes).
-    """
-    bundle_dir = Path(bundle_dir)
+def _check_kit_request(bundle_dir: Path, model_files: Mapping[str, str], layout: str, mean: Sequence[float],
+                       std: Sequence[float], labels: list[str]) -> None:
     unknown = sorted(set(model_files) - set(PRECISIONS))
     if unknown or not model_files:
         raise UserError(f"model_files needs precisions among {', '.join(PRECISIONS)}, got {sorted(model_files)}")
@@ -101,9 +93,22 @@ def write_kit(bundle_dir: Path, *, model_files: Mapping[str, str], target: Any, 
         raise UserError(f"only NCHW models are supported, got layout {layout!r}")
     if len(mean) != len(std) or not mean or any(s <= 0 for s in std):
         raise UserError(f"mean and std need one value per channel and std > 0, got {list(mean)} / {list(std)}")
-    labels = [str(label) for label in labels]
     if not labels or any("\n" in label for label in labels):
         raise UserError("labels must be a non-empty list of one-line class names")
+
+
+def write_kit(bundle_dir: Path, *, model_files: Mapping[str, str], target: Any, labels: Sequence[str],
+              mean: Sequence[float], std: Sequence[float], input_size: int | Sequence[int],
+              layout: str = "NCHW") -> list[str]:
+    """Write the on-device kit into ``<bundle_dir>/kit``; returns the written paths relative to the bundle.
+
+    `model_files` maps precision (fp32/fp16/int8) to a model path relative to the bundle: the FP32 ONNX,
+    the FP16 ONNX (TensorRT 11's fp16) and the symmetric Q/DQ INT8 ONNX. `target` is the target profile
+    (a TargetProfile or its dict: name, tensorrt_major, tensorrt_version, workspace_mb, batch_sizes).
+    """
+    bundle_dir = Path(bundle_dir)
+    labels = [str(label) for label in labels]
+    _check_kit_request(bundle_dir, model_files, layout, mean, std, labels)
 
     prof = _target_dict(target)
     batch_sizes = sorted({int(b) for b in prof.get("batch_sizes") or (1,)})

@@ -2,9 +2,10 @@
 
 A criterion is a callable ``criterion(ctx: RankContext) -> dict[layer_name, LayerRanking]``
 registered in ``CRITERIA``. It knows nothing about surgery (toolchain.stages.prune) or about
-when pruning happens (toolchain.pipeline). It owns its options: ``fn.option_names`` lists the
-ones it reads and ``fn.parse_options(options)`` checks them (a one-line UserError), so that the
-run's preflight can refuse a bad or foreign option before anything is trained or written.
+when pruning happens (toolchain.pipeline). It owns its options: a frozen dataclass registered
+with it (``CRITERIA.register("cmi", options=CMIOptions)``, see toolchain.ranking.options), which
+the run's preflight parses (``check_options``) so that a bad or foreign option is refused before
+anything is trained or written.
 """
 
 from __future__ import annotations
@@ -65,17 +66,17 @@ def default_samples(name: str) -> int:
     return int(getattr(CRITERIA.get(name), "default_samples", DEFAULT_SAMPLES))
 
 
-def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Refuse options criterion ``name`` does not read (naming the criteria that do) or that its parser rejects."""
+def check_options(name: str, options: Mapping[str, Any]) -> Any:
+    """Refuse options criterion ``name`` does not read (naming the criteria that do) or that its options
+    class rejects; returns the parsed options (None for a criterion without options)."""
     from toolchain.errors import UserError
+    from toolchain.ranking.options import option_keys, parse
 
-    fn = CRITERIA.get(name)
-    takes = tuple(getattr(fn, "option_names", ()))
+    cls = CRITERIA.options(name)
+    takes = option_keys(cls)
     for key in sorted(set(options) - set(takes)):
-        others = [n for n in CRITERIA.names() if key in getattr(CRITERIA.get(n), "option_names", ())]
+        others = [n for n in CRITERIA.names() if key in option_keys(CRITERIA.options(n))]
         where = f"; it is an option of {', '.join(others)}" if others else ""
         reads = f" (it reads {', '.join(takes)})" if takes else " (it takes no options)"
         raise UserError(f"criterion {name} does not take option {key}{reads}{where}")
-    parse = getattr(fn, "parse_options", None)
-    if parse is not None:
-        parse(dict(options))
+    return None if cls is None else parse(cls, options, criterion=name)

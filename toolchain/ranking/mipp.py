@@ -1,4 +1,4 @@
-"""MIPP, mutual-information-preserving pruning (Westphal, Hailes, Musolesi, 2024; ALGORITHMS.md section 4).
+"""MIPP, mutual-information-preserving pruning (Westphal, Hailes, Musolesi, 2024; docs/design/algorithms.md §4).
 
 ``select_layer`` chooses the kept channels of one layer so that the MI between the layer and the
 next (already pruned) layer is preserved; the ``mipp`` criterion (registered in ``CRITERIA`` on
@@ -13,7 +13,7 @@ yields one number, the channel's *evidence*: a channel is kept exactly when its 
 
 Estimators (``estimator=``):
 
-- ``renyi`` (fast, default): matrix-based Renyi MI (ALGORITHMS.md section 1, functions of
+- ``renyi`` (fast, default): matrix-based Renyi MI (docs/design/algorithms.md §1, functions of
   ``toolchain.info.renyi``) with Gaussian kernels. A channel set's Gram is the Hadamard product of
   its channels' kernels, i.e. ``exp(-sum of the channels' exponents)``, so the leave-one-out Gram
   ("product of all but i", what prefix/suffix products give) is ``exp(-(E_kept - E_i))``: the
@@ -42,7 +42,7 @@ Estimators (``estimator=``):
   engine's widths ``gamma * N^(-1/(4+d))`` (d = H*W of one channel; for ``x_next`` d = H*W of
   its channels, or its width for a 2-D ``x_next`` such as logits). ``gamma`` only acts on the
   paper kernel. Measured on the shared VGG16-BN baseline (benchmarks/bench_mipp.py): with the
-  paper widths every layer but the last three is saturated (ALGORITHMS.md section 5), every
+  paper widths every layer but the last three is saturated (docs/design/algorithms.md §5), every
   drop looks like noise and the layers collapse to a handful of channels (10% accuracy); the
   median kernel is scale-free (it also behaves on a freshly initialised network, whose
   activation scales are arbitrary). The visit order uses single-channel MIs, each channel with
@@ -94,74 +94,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from toolchain.errors import UserError
-from toolchain.info.renyi import paper_sigma, renyi_entropy, squared_distances
+from toolchain.info.renyi import paper_sigma
 from toolchain.ranking.base import CRITERIA, LayerRanking, RankContext
 from toolchain.ranking.capture import FeatureCapture
+from toolchain.ranking.mipp_estimators import (
+    _CHUNK_ELEMS,
+    MLP_BASE_STEPS,
+    MLP_HIDDEN,
+    MLP_MAX_BATCH,
+    MLP_RETRAIN_STEPS,
+    MLP_RISE_TOL,
+    _as_tensor,
+    _centered_channels,
+    _median_scale,
+    _MLPEstimator,
+    _next_distances,
+    _packed_distances,
+    _packed_index,
+    _RenyiMI,
+)
+from toolchain.ranking.options import check_choice, check_int, check_names, check_number, option, parse
 
 __all__ = ["MIPPOptions", "MIPPSelection", "mipp_criterion", "parse_options", "permutation_count", "select_layer"]
 
 ESTIMATORS = ("renyi", "mlp")
 KERNELS = ("paper", "median")
 DROP_TOL = 1e-9  # nats: an MI drop at or below this is "does not lower the MI"
-SATURATION_TOL = 0.01  # an entropy within 1% of ln N is saturated (ALGORITHMS.md section 5)
+SATURATION_TOL = 0.01  # an entropy within 1% of ln N is saturated (docs/design/algorithms.md §5)
 MIN_PERMUTATIONS = 19
 _RESUM_EVERY = 32  # removals between exact recomputations of the kept set's distance sum
-_CHUNK_ELEMS = 1 << 22  # float64 elements per temporary chunk (32 MiB)
-
-MEDIAN_PAIRS = 8192  # the median kernel's width comes from the median over this many sample pairs
-
-MLP_HIDDEN = 16
-MLP_BASE_STEPS = 200
-MLP_RETRAIN_STEPS = 30
-MLP_LR = 1e-2
-MLP_L1 = 1e-3  # L1 on the input weights: regularises without favouring duplicated inputs (L2 would)
-MLP_L2 = 1e-2  # L2 on the output weights
-MLP_RIDGE = 1e-3  # ridge of the linear re-routing (standardised features)
-MLP_VAL_FRACTION = 0.25
-MLP_MAX_INPUTS = 1024  # pooled features of the layer (and of x_next) kept below this
-MLP_MAX_OUTPUTS = 64  # x_next's pooled features are reduced to this many principal components
-MLP_RISE_TOL = 1e-6  # relative: rises below this fraction of the control loss are 0
-MLP_MAX_BATCH = 16  # candidates per speculative batch
-
-
-# ---------------------------------------------------------------- validation
-
-
-def _number(name: str, value: Any, lo: float, hi: float = math.inf, *, lo_open: bool = True,
-            hi_open: bool = False) -> float:
-    bad = isinstance(value, bool)
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        bad, v = True, math.nan
-    if not bad:
-        bad = not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
-    if bad:
-        lo_s = f"{'>' if lo_open else '>='} {lo:g}"
-        hi_s = "" if hi == math.inf else f" and {'<' if hi_open else '<='} {hi:g}"
-        raise UserError(f"{name} must be a number {lo_s}{hi_s}, got {value!r}")
-    return v
-
-
-def _integer(name: str, value: Any, lo: int) -> int:
-    ok = not isinstance(value, bool)
-    try:
-        v = int(value)
-        ok = ok and v == float(value) and v >= lo
-    except (TypeError, ValueError, OverflowError):
-        ok, v = False, 0
-    if not ok:
-        raise UserError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return v
-
-
-def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
-    if value not in valid:
-        raise UserError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
-    return value
 
 
 def permutation_count(confidence: float) -> int:
@@ -173,275 +136,6 @@ def _t_critical(confidence: float, df: int) -> float:
     from scipy.stats import t
 
     return float(t.ppf(confidence, df))
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
-    try:
-        t = torch.as_tensor(x)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{name} must be an array or tensor: {e}") from None
-    if not t.is_floating_point():
-        t = t.to(torch.float32)
-    if not bool(torch.isfinite(t).all()):
-        raise UserError(f"{name} holds non-finite values")
-    return t
-
-
-def _centered_channels(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """(N, C, d) float64 with each position's mean over the samples removed (distances unchanged,
-    constant channels become exact zeros)."""
-    t = x.to(device=dev, dtype=torch.float64).reshape(x.shape[0], x.shape[1], -1)
-    return t - t.mean(0, keepdim=True)
-
-
-def _packed_distances(x: torch.Tensor, iu: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Squared distances of every channel of ``x`` (N, C, d) over the sample pairs i < j: (C, P)."""
-    n, c, d = x.shape
-    out = torch.empty(c, iu.shape[1], dtype=dtype, device=x.device)
-    step = max(1, _CHUNK_ELEMS // max(n * max(n, d), 1))
-    for a in range(0, c, step):
-        dist = squared_distances(x[:, a:a + step].transpose(0, 1))
-        out[a:a + step] = dist[:, iu[0], iu[1]].to(dtype)
-    return out
-
-
-# ---------------------------------------------------------------- the renyi estimator
-
-
-class _RenyiMI:
-    """``I(X_S; Y)`` for channel sets S given by their summed packed squared distances, batched.
-
-    Gram of a set: ``exp(-D_S / scale)`` with one fixed ``scale`` per layer (``2 sigma^2`` of the
-    paper rule, or the median of the whole layer's D for the median kernel), which is the
-    Hadamard product of the channels' Gaussian kernels.
-    """
-
-    def __init__(self, n: int, iu: torch.Tensor, d_y: torch.Tensor, *, alpha: float, scale_x: float,
-                 scale_y: float):
-        self.n, self.iu, self.alpha, self.scale_x = n, iu, alpha, scale_x
-        e_y = d_y[None] / scale_y
-        self.k_y2 = torch.exp(-2.0 * e_y[0])
-        self.k_y_full = None if alpha == 2.0 else self._unpack(torch.exp(-e_y))
-        self.s_y = float(self._entropy(e_y)[0])
-
-    def exponents(self, d: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
-        return d * (1.0 / (self.scale_x if scale is None else scale))
-
-    def _unpack(self, k: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(k.shape[0], self.n, self.n, dtype=k.dtype, device=k.device)
-        full[:, self.iu[0], self.iu[1]] = k
-        full = full + full.transpose(1, 2)
-        full.diagonal(dim1=1, dim2=2).fill_(1.0)
-        return full
-
-    def _entropy(self, e: torch.Tensor) -> torch.Tensor:
-        n = self.n
-        if self.alpha == 2.0:  # ||K||_F^2 = N + 2 sum_{i<j} K_ij^2, tr K = N
-            return -torch.log((n + 2.0 * torch.exp(-2.0 * e).sum(-1)) / (n * n))
-        return renyi_entropy(self._unpack(torch.exp(-e)), self.alpha)
-
-    def from_exponents(self, e: torch.Tensor) -> torch.Tensor:
-        """MI for a batch of exponents (B, P)."""
-        n = self.n
-        out = []
-        step = max(1, _CHUNK_ELEMS // max(e.shape[1] if self.alpha == 2.0 else n * n, 1))
-        for a in range(0, e.shape[0], step):
-            ea = e[a:a + step]
-            if self.alpha == 2.0:
-                k2 = torch.exp(-2.0 * ea)
-                both = torch.stack([k2.sum(-1), k2 @ self.k_y2], -1)
-                s = -torch.log((n + 2.0 * both) / (n * n))
-                out.append(s[:, 0] + self.s_y - s[:, 1])
-            else:
-                k = self._unpack(torch.exp(-ea))
-                out.append(renyi_entropy(k, self.alpha) + self.s_y
-                           - renyi_entropy(k * self.k_y_full, self.alpha))
-        return torch.cat(out)
-
-    def mi(self, d: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:
-        """MI of sets given by summed distances (B, P); ``scale`` overrides the layer's."""
-        return self.from_exponents(self.exponents(d, scale))
-
-    def entropy(self, d: torch.Tensor) -> torch.Tensor:
-        return self._entropy(self.exponents(d))
-
-
-def _median_scale(d: torch.Tensor) -> torch.Tensor:
-    """Median kernel scale of each row of packed distances (B, P): the median over a fixed subset
-    of at most MEDIAN_PAIRS pairs; the mean where the median is 0 (sparse maps); inf where every
-    distance is 0 (a constant variable: its kernel is all ones)."""
-    step = max(1, d.shape[1] // MEDIAN_PAIRS)
-    s = d[:, ::step].median(dim=-1, keepdim=True).values
-    if not bool((s > 0).all()):
-        s = torch.where(s > 0, s, d.mean(-1, keepdim=True))
-        s = torch.where(s > 0, s, torch.full_like(s, math.inf))
-    return s
-
-
-def _next_distances(y: torch.Tensor, iu: torch.Tensor, dev: torch.device, gamma: float, n: int
-                    ) -> tuple[torch.Tensor, float]:
-    """Summed packed squared distances of x_next and its paper width."""
-    # (N, D): one variable (logits, features); (N, C', ...): C' channels of d = prod(shape[2:]) each
-    flat = y.reshape(n, 1, -1) if y.ndim == 2 else y.reshape(n, y.shape[1], -1)
-    t = flat.to(device=dev, dtype=torch.float64)
-    t = t - t.mean(0, keepdim=True)
-    d = t.shape[2]
-    dist = torch.zeros(iu.shape[1], dtype=torch.float64, device=dev)
-    if t.shape[1] and d:
-        dist += _packed_distances(t, iu, torch.float64).sum(0)
-    return dist, paper_sigma(n, max(d, 1), gamma)
-
-
-# ---------------------------------------------------------------- the mlp estimator
-
-
-def _pool_features(t: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, int]:
-    """(N, C, ...) -> (N, C, f) average-pooled to at most 2x2 (1x1 when C * 4 > MLP_MAX_INPUTS);
-    (N, D) stays as is (f = 1 feature per column). Returns the features and the pooled side."""
-    t = t.to(device=dev, dtype=torch.float32)
-    if t.ndim == 2:
-        return t[:, :, None], 1
-    n, c = t.shape[:2]
-    small = c * 4 > MLP_MAX_INPUTS
-    if t.ndim == 4:
-        side = 1 if small or min(t.shape[-2:]) < 2 else 2
-        return F.adaptive_avg_pool2d(t, side).reshape(n, c, -1), side
-    flat = t.reshape(n, c, -1)
-    side = 1 if small or flat.shape[2] < 4 else 4
-    return F.adaptive_avg_pool1d(flat, side), side
-
-
-def _standardize(t: torch.Tensor) -> torch.Tensor:
-    """Per-column z-score in float64 (constant columns become exact zeros), returned float32."""
-    t = t.double()
-    mean = t.mean(0, keepdim=True)
-    sd = t.std(0, unbiased=False, keepdim=True)
-    ok = sd > 1e-12 * (1.0 + mean.abs())
-    return torch.where(ok, (t - mean) / torch.where(ok, sd, torch.ones_like(sd)), torch.zeros_like(t)).float()
-
-
-class _MLPEstimator:
-    """Batched MLPs predicting pooled x_next from the pooled channels of x (one group per run)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, repeats: int, seed: int, dev: torch.device):
-        n, c = x.shape[0], x.shape[1]
-        feats, self.pool = _pool_features(x, dev)
-        self.features_per_channel = feats.shape[2]
-        self.x = _standardize(feats.reshape(n, -1))
-        self.col_channel = torch.arange(c, device=dev).repeat_interleave(feats.shape[2])
-        yp, self.pool_next = _pool_features(y, dev)
-        target = _standardize(yp.reshape(n, -1))
-        target = target[:, target.abs().amax(0) > 0]  # constant outputs carry nothing
-        if target.shape[1] > MLP_MAX_OUTPUTS:  # principal components, mean variance 1
-            _, sv, vh = torch.linalg.svd(target.double(), full_matrices=False)
-            scores = target.double() @ vh[:MLP_MAX_OUTPUTS].T
-            target = (scores / (sv[:MLP_MAX_OUTPUTS] ** 2 / n).mean().sqrt()).float()
-        self.y = target
-        self.repeats, self.dev, self.n, self.c = repeats, dev, n, c
-        g = torch.Generator().manual_seed(int(seed))
-        n_val = max(1, round(MLP_VAL_FRACTION * n))
-        self.train_w = torch.ones(repeats, n)
-        self.val_w = torch.zeros(repeats, n)
-        for r in range(repeats):
-            val = torch.randperm(n, generator=g)[:n_val]
-            self.train_w[r, val] = 0.0
-            self.val_w[r, val] = 1.0
-        self.train_w, self.val_w = self.train_w.to(dev), self.val_w.to(dev)
-        self.gen = g
-        # ridge precision matrix of the kept input features (float64), for the re-routing warm start
-        xd = self.x.double()
-        cov = xd.T @ xd / n
-        self.precision = torch.linalg.inv(cov + MLP_RIDGE * torch.eye(cov.shape[0], dtype=cov.dtype, device=dev))
-
-    def _cols(self, ch: int) -> torch.Tensor:
-        f = self.features_per_channel
-        return torch.arange(ch * f, (ch + 1) * f, device=self.dev)
-
-    def reroute(self, params: dict[str, torch.Tensor], cands: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Warm start for masking: per candidate block of R groups (copy k = candidate k), move the
-        candidate's input weights onto the kept features that linearly predict it.
-
-        With ``x_i ~ X_rest @ B`` (ridge regression over the N samples, ``B = -P_ri P_ii^-1`` from
-        the precision matrix P of the kept features), ``X_rest W_rest + x_i W_i`` is approximated by
-        ``X_rest (W_rest + B W_i)``: an exact copy of a kept channel is masked at no cost.
-        """
-        w1 = params["w1"].clone()
-        r = self.repeats
-        for k, ch in enumerate(cands):
-            cols = self._cols(ch)
-            p_ri = self.precision[:, cols]  # (in, f)
-            p_ii = p_ri[cols]
-            b = -(p_ri @ torch.linalg.pinv(p_ii))  # (in, f)
-            b[cols] = 0.0
-            blk = slice(k * r, (k + 1) * r)
-            w1[blk] += torch.einsum("if,gfh->gih", b.float(), w1[blk][:, cols])
-        out = dict(params)
-        out["w1"] = w1
-        return out
-
-    def remove(self, ch: int) -> None:
-        """Downdate the precision matrix: the inverse of the kept features' ridge covariance."""
-        cols = self._cols(ch)
-        p_ci = self.precision[:, cols]
-        self.precision = self.precision - p_ci @ torch.linalg.pinv(p_ci[cols]) @ p_ci.T
-        self.precision[cols] = 0.0
-        self.precision[:, cols] = 0.0
-
-    def init(self) -> dict[str, torch.Tensor]:
-        r, i, h, o = self.repeats, self.x.shape[1], MLP_HIDDEN, self.y.shape[1]
-        g = self.gen
-        w1 = (torch.rand(r, i, h, generator=g) * 2 - 1) / math.sqrt(max(i, 1))
-        w2 = (torch.rand(r, h, o, generator=g) * 2 - 1) / math.sqrt(h)
-        return {k: v.to(self.dev) for k, v in
-                {"w1": w1, "b1": torch.zeros(r, 1, h), "w2": w2, "b2": torch.zeros(r, 1, o)}.items()}
-
-    @staticmethod
-    def repeat(params: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
-        """Groups ordered (copy, repeat): copy k of repeat r at k * R + r."""
-        return {k: v.repeat(times, 1, 1) for k, v in params.items()}
-
-    @staticmethod
-    def take(params: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v[idx].clone() for k, v in params.items()}
-
-    def _loss(self, p: dict[str, torch.Tensor], colmask: torch.Tensor) -> torch.Tensor:
-        hid = torch.relu(self.x @ (p["w1"] * colmask[:, :, None]) + p["b1"])
-        out = hid @ p["w2"] + p["b2"]
-        return ((out - self.y) ** 2).mean(-1)  # (G, N)
-
-    def fit(self, params: dict[str, torch.Tensor], masks: torch.Tensor, steps: int
-            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Train every group ``steps`` full-batch Adam steps with its channel mask (G, C);
-        group g belongs to repeat ``g % R``. Returns the new parameters and validation losses (G,)."""
-        g = masks.shape[0]
-        rep = torch.arange(g, device=self.dev) % self.repeats
-        tw, vw = self.train_w[rep], self.val_w[rep]
-        colmask = masks[:, self.col_channel].float()
-        p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        if self.y.shape[1] == 0 or steps == 0:
-            with torch.no_grad():
-                return {k: v.detach() for k, v in p.items()}, self._val(p, colmask, vw)
-        opt = torch.optim.Adam(list(p.values()), lr=MLP_LR)
-        with torch.enable_grad():
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                err = self._loss(p, colmask)
-                loss = ((err * tw).sum(1) / tw.sum(1)).sum()
-                loss = loss + MLP_L1 * (p["w1"] * colmask[:, :, None]).abs().sum() + MLP_L2 * (p["w2"] ** 2).sum()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            return {k: v.detach() for k, v in p.items()}, self._val(p, colmask, vw)
-
-    @torch.no_grad()
-    def _val(self, p, colmask, vw) -> torch.Tensor:
-        if self.y.shape[1] == 0:
-            return torch.zeros(colmask.shape[0], dtype=torch.float64, device=self.dev)
-        err = self._loss(p, colmask).double()
-        return (err * vw).sum(1) / vw.sum(1)
 
 
 # ---------------------------------------------------------------- one layer
@@ -513,13 +207,13 @@ def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, ga
     (``kept, evidence = select_layer(...)``).
     """
     t0 = time.perf_counter()
-    estimator = _choice("mipp estimator", estimator, ESTIMATORS)
-    kernel = _choice("mipp kernel", kernel, KERNELS)
-    confidence = _number("mipp confidence", confidence, 0.0, 1.0, hi_open=True)
-    alpha = _number("mipp alpha", alpha, 0.0)
-    gamma = _number("mipp gamma", gamma, 0.0)
-    repeats = _integer("mipp repeats", repeats, 2 if estimator == "mlp" else 1)
-    seed = _integer("mipp seed", seed, 0)
+    estimator = check_choice("mipp estimator", estimator, ESTIMATORS)
+    kernel = check_choice("mipp kernel", kernel, KERNELS)
+    confidence = check_number("mipp confidence", confidence, 0.0, 1.0, hi_open=True)
+    alpha = check_number("mipp alpha", alpha, 0.0)
+    gamma = check_number("mipp gamma", gamma, 0.0)
+    repeats = check_int("mipp repeats", repeats, 2 if estimator == "mlp" else 1)
+    seed = check_int("mipp seed", seed, 0)
     xt, yt = _as_tensor(x, "x"), _as_tensor(x_next, "x_next")
     if xt.ndim < 2 or xt.shape[1] < 1:
         raise UserError(f"x must have shape (N, C, ...), got {tuple(xt.shape)}")
@@ -568,13 +262,6 @@ def select_layer(x, x_next, *, estimator="renyi", confidence=0.95, alpha=2.0, ga
         _mlp_pass(sel, xt, yt, dev, confidence, repeats, seed)
     sel.seconds = time.perf_counter() - t0
     return sel
-
-
-def _packed_index(pi: torch.Tensor, iu: torch.Tensor, n: int) -> torch.Tensor:
-    """Packed position of the pair (pi[a], pi[b]) for every pair a < b: (B, P) for permutations (B, N)."""
-    lo = torch.minimum(pi[:, iu[0]], pi[:, iu[1]])
-    hi = torch.maximum(pi[:, iu[0]], pi[:, iu[1]])
-    return lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)
 
 
 def _renyi_pass(sel: MIPPSelection, est: _RenyiMI, dx: torch.Tensor, confidence: float, seed: int) -> None:
@@ -692,69 +379,53 @@ def _mlp_pass(sel: MIPPSelection, x: torch.Tensor, y: torch.Tensor, dev: torch.d
 
 # ---------------------------------------------------------------- the criterion
 
-_KEYS = ("mipp_estimator", "confidence", "alpha", "gamma", "repeats", "at_init", "mlp_layers", "mipp_kernel",
-         "samples")
-
 
 @dataclass(frozen=True)
 class MIPPOptions:
-    estimator: str = "renyi"
-    confidence: float = 0.95
-    alpha: float = 2.0
-    gamma: float = 5.0
-    repeats: int = 5
-    at_init: bool = False
-    mlp_layers: tuple[str, ...] | None = None
-    kernel: str = "median"
+    estimator: str = option("renyi", "MI estimator: matrix-based Renyi (fast) or the paper's MLPs",
+                            key="mipp_estimator", choices=ESTIMATORS)
+    confidence: float = option(0.95, "confidence of the redundancy test (higher removes more)", lo=0.0, hi=1.0,
+                               hi_open=True)
+    alpha: float = option(2.0, "Renyi entropy order (2 = fast Frobenius path, 1.01 = paper)", lo=0.0)
+    gamma: float = option(5.0, "kernel width factor of the paper's rule", lo=0.0)
+    repeats: int = option(5, "repeats of each mlp estimate (at least 2 with mlp)", lo=1)
+    at_init: bool = option(False, "prune the freshly initialised model, then train it (BN statistics are "
+                           "estimated on the rank samples first)")
+    mlp_layers: tuple[str, ...] | None = option(
+        None, "layers to run the mlp estimator on (the others use renyi); needs mipp_estimator mlp",
+        parse=check_names, values="layer names, comma-separated (YAML: or a list)", default_text="all")
+    kernel: str = option("median", "kernel widths of the renyi estimator: the median of the layer's distances "
+                         "(scale-free) or the paper's rule", key="mipp_kernel", choices=KERNELS)
+    samples: int | None = option(None, "accepted and ignored: the run's `--samples` sets the ranking images",
+                                 flag=False, lo=1)
+
+    def checked(self, given: Mapping[str, Any], layer_names: Sequence[str] | None = None) -> MIPPOptions:
+        if self.estimator == "mlp":  # a t-test over the repeats needs two of them
+            check_int("mipp option repeats", self.repeats, 2)
+        if self.mlp_layers is not None:
+            if self.estimator != "mlp":
+                raise UserError("mipp option mlp_layers needs mipp_estimator=mlp")
+            bad = sorted(set(self.mlp_layers) - set(layer_names)) if layer_names is not None else []
+            if bad:
+                raise UserError(f"mipp option mlp_layers: unknown layer(s) {', '.join(bad)}; "
+                                f"prunable layers: {', '.join(layer_names)}")
+        return self
 
 
 def parse_options(options: Mapping[str, Any] | None, layer_names: Sequence[str] | None = None) -> MIPPOptions:
     """Validate ``RankContext.options`` for mipp; bad values raise a one-line UserError.
 
-    ``samples`` is applied by the caller and ignored here; ``mlp_layers`` (a list or a
-    comma-separated string of prunable layer names) needs ``mipp_estimator=mlp``.
+    ``samples`` is accepted and ignored; ``mlp_layers`` (a list or a comma-separated string of
+    prunable layer names, checked against ``layer_names`` when given) needs ``mipp_estimator=mlp``.
     """
-    opts = dict(options or {})
-    unknown = sorted(set(opts) - set(_KEYS))
-    if unknown:
-        raise UserError(f"unknown mipp option(s) {', '.join(unknown)}; valid: {', '.join(_KEYS)}")
-    d = MIPPOptions()
-    get = lambda key, default: default if opts.get(key) is None else opts[key]  # noqa: E731
-    estimator = _choice("mipp option mipp_estimator", get("mipp_estimator", d.estimator), ESTIMATORS)
-    at_init = get("at_init", d.at_init)
-    if not isinstance(at_init, bool):
-        raise UserError(f"mipp option at_init must be true or false, got {at_init!r}")
-    layers = opts.get("mlp_layers")
-    if layers is not None:
-        if isinstance(layers, str):
-            layers = [s.strip() for s in layers.split(",") if s.strip()]
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(s, str) for s in layers):
-            raise UserError(f"mipp option mlp_layers must be a list of layer names, got {opts['mlp_layers']!r}")
-        if estimator != "mlp":
-            raise UserError("mipp option mlp_layers needs mipp_estimator=mlp")
-        if layer_names is not None:
-            bad = sorted(set(layers) - set(layer_names))
-            if bad:
-                raise UserError(f"mipp option mlp_layers: unknown layer(s) {', '.join(bad)}; "
-                                f"prunable layers: {', '.join(layer_names)}")
-        layers = tuple(layers)
-    return MIPPOptions(
-        estimator=estimator,
-        confidence=_number("mipp option confidence", get("confidence", d.confidence), 0.0, 1.0, hi_open=True),
-        alpha=_number("mipp option alpha", get("alpha", d.alpha), 0.0),
-        gamma=_number("mipp option gamma", get("gamma", d.gamma), 0.0),
-        repeats=_integer("mipp option repeats", get("repeats", d.repeats), 2 if estimator == "mlp" else 1),
-        at_init=at_init,
-        mlp_layers=layers,
-        kernel=_choice("mipp option mipp_kernel", get("mipp_kernel", d.kernel), KERNELS),
-    )
+    return parse(MIPPOptions, options, criterion="mipp", layer_names=layer_names)
 
 
 @torch.no_grad()
 def _with_sample_bn_stats(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.nn.Module:
     """A copy whose BatchNorm running statistics are estimated on ``images`` (for at-init pruning:
     the fresh statistics 0/1 are not what training-mode BN computes)."""
-    from toolchain.train.engine import recalibrate_batchnorm
+    from toolchain.train.loop import recalibrate_batchnorm
 
     model = copy.deepcopy(model)
     batches = [(images[a:a + batch_size], None) for a in range(0, images.shape[0], batch_size)]
@@ -768,7 +439,7 @@ def _logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) 
     return torch.cat(out)
 
 
-@CRITERIA.register("mipp")
+@CRITERIA.register("mipp", options=MIPPOptions)
 def mipp_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
     """Mutual-information-preserving pruning (Westphal et al., 2024); options in ``ctx.options``.
 
@@ -821,7 +492,3 @@ def mipp_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
         out[name].info["processing_order"] = list(processed)
         out[name].info["total_seconds"] = round(total, 3)
     return {layer.name: out[layer.name] for layer in layers}  # network order
-
-
-mipp_criterion.option_names = _KEYS  # type: ignore[attr-defined]
-mipp_criterion.parse_options = parse_options  # type: ignore[attr-defined]  (layer names are checked when ranking)

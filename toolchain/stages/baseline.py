@@ -1,20 +1,29 @@
-"""Baseline stage: load a user's checkpoint (weights only, checked against the model) or train one."""
+"""Baseline stage: load a user's checkpoint (weights only, checked against the model) or train one.
+
+Its ``data`` input is the identity of the run's images, so every later stage's key holds it through
+this stage's digest."""
 
 from __future__ import annotations
 
 import pickle
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from toolchain.data import Dataset, DataSpec, DeviceLoader
 from toolchain.errors import UserError
 from toolchain.models import create_model
-from toolchain.stages.data import Dataset, DeviceLoader
+from toolchain.stages.base import StageContext
 from toolchain.train import distributed as dist_utils
-from toolchain.train.engine import Recipe, fit
+from toolchain.train.loop import Recipe, evaluate, fit
+from toolchain.util import atomic_torch_save
+
+NAME = "baseline"
+ALL_RANKS = True  # training runs on every rank under torchrun
 
 
 def _first_line(e: BaseException) -> str:
@@ -81,3 +90,66 @@ def train_baseline(data: Dataset, model_name: str, *, epochs: int, lr: float, ba
                     warmup_steps=len(train))  # one epoch of warm-up from scratch
     fit(dist_utils.wrap(model, device), train, test, device, recipe, workdir, desc="baseline")
     return model
+
+
+@dataclass(frozen=True)
+class Training:
+    """How the baseline is trained when no checkpoint is given."""
+
+    epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+    weight_decay: float
+    label_smoothing: float
+    amp: str
+    world: int  # processes under torchrun: the global batch is batch_size x world
+
+
+@dataclass(frozen=True)
+class Inputs:
+    data: DataSpec
+    model: str
+    checkpoint: str | None = None  # a state-dict file; its content is checkpoint_sha256
+    checkpoint_sha256: str | None = None
+    training: Training | None = None  # None when the checkpoint is the baseline
+
+
+@dataclass
+class Result:
+    test_acc: float
+    source: str  # the checkpoint's path, or "trained"
+
+
+def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
+    data = ctx.data
+    if inputs.checkpoint is not None:
+        model = create_model(inputs.model, num_classes=data.num_classes)
+        model.load_state_dict(read_checkpoint(inputs.checkpoint, inputs.model, data.num_classes))
+        model.to(ctx.device)
+    else:
+        t = inputs.training
+        model = train_baseline(data, inputs.model, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
+                               momentum=t.momentum, weight_decay=t.weight_decay, label_smoothing=t.label_smoothing,
+                               amp=t.amp, device=ctx.device, workdir=folder, seed=inputs.data.seed)
+    acc = evaluate(model, DeviceLoader(data.test, data, 500, ctx.device), ctx.device, desc="eval dense")
+    if dist_utils.is_main():
+        atomic_torch_save(model.cpu().state_dict(), folder / "model.pt")
+    return Result(test_acc=acc, source=inputs.checkpoint or "trained")
+
+
+def load_model(ctx: StageContext, digest: str, model: str) -> nn.Module:
+    """The dense model a finished baseline stage saved, in eval mode on the CPU."""
+    dense = create_model(model, num_classes=ctx.data.num_classes)
+    state = torch.load(ctx.folder(NAME, digest) / "model.pt", map_location="cpu", weights_only=True)
+    dense.load_state_dict(state)
+    return dense.eval()
+
+
+def source_model(ctx: StageContext, digest: str, model: str, *, at_init: bool, seed: int) -> nn.Module:
+    """What is ranked and cut: the dense model, or (pruning at initialisation, MIPP --at-init) a freshly
+    initialised one, the same for a given seed."""
+    if not at_init:
+        return load_model(ctx, digest, model)
+    torch.manual_seed(seed)
+    return create_model(model, num_classes=ctx.data.num_classes).eval()

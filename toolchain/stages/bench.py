@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from toolchain.backends.base import benchmark
 from toolchain.roofline import compare, load_onnx
+from toolchain.stages import tensorrt_engine
+from toolchain.stages.base import StageContext
 from toolchain.targets import list_targets
+from toolchain.util import atomic_write_json
+
+NAME = "bench"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    export: str  # digests of what is measured
+    quantize: str
+    engine: str
+    threads: int  # the target's threads, at most this host's cores
+    memory_budget_mb: int | None  # the target's: does each variant fit
+    runs: int
+    batch_sizes: tuple[int, ...]
+
+
+@dataclass
+class Result:
+    latency: dict[str, Any]
+    memory: dict[str, Any]
+    roofline: dict[str, Any]
+
+
+def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
+    export = ctx.folder("export", inputs.export)
+    variants = {"dense/fp32": ("onnxruntime", export / "dense.onnx"),
+                "pruned/fp32": ("onnxruntime", export / "pruned.onnx"),
+                "pruned/int8": ("onnxruntime", ctx.folder("quantize", inputs.quantize) / "model.int8.onnx")}
+    engine = ctx.result(tensorrt_engine, inputs.engine)
+    if engine.built:
+        variants[f"pruned-tensorrt/{engine.precision}"] = (
+            "tensorrt", ctx.folder(tensorrt_engine.NAME, inputs.engine) / engine.file)
+    results = bench_models(variants, input_shape=ctx.data.input_shape, threads=inputs.threads, runs=inputs.runs,
+                           batch_sizes=list(inputs.batch_sizes), memory_budget_mb=inputs.memory_budget_mb)
+    atomic_write_json(folder / "bench.json", results)
+    return Result(latency=latency_summary(results), memory=memory_summary(results),
+                  roofline=roofline_all_targets(export / "dense.onnx", export / "pruned.onnx", ctx.data.input_shape))
 
 SUMMARY = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "throughput_ips", "peak_rss_mb")
 

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 import yaml
 
+from toolchain import kit
+from toolchain import report as report_stage
 from toolchain.config import Config
+from toolchain.data import Dataset
 from toolchain.models import create_model
-from toolchain.stages import report as report_stage
-from toolchain.stages.data import Dataset
+from toolchain.stages.base import Done
 from toolchain.stages.prune import PruneRecord, build_pruned
 from toolchain.util import atomic_write_json, sha256_file
 
@@ -96,6 +98,63 @@ def write_bundle(dest: Path, *, cfg: Config, target, data: Dataset, metrics: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def collect_metrics(done: dict[str, Done]) -> dict[str, Any]:
+    """The manifest's metrics from the stages' results (the keys the report, the sweep and the study read)."""
+    base, pruned, ft = done["baseline"].result, done["prune"].result, done["finetune"].result
+    exported, quantized, bench = done["export"].result, done["quantize"].result, done["bench"].result
+    return {
+        "acc_dense": base.test_acc,
+        "acc_pruned": pruned.acc_pruned,
+        "acc_pruned_bn_recalibrated": pruned.acc_pruned_bn_recalibrated,
+        "acc_oneshot": pruned.acc_oneshot,
+        **({"compensation_seconds": pruned.compensation["seconds"]} if pruned.compensation else {}),
+        "acc_finetuned": ft.test_acc,
+        "acc_onnxruntime": exported.pruned["onnxruntime_test_acc"],
+        "acc_int8": quantized.acc_int8,
+        "acc_int8_host": quantized.acc_int8_host,
+        **({"acc_fp16": quantized.acc_fp16} if quantized.acc_fp16 is not None else {}),
+        "onnx_parity_max_abs_diff": exported.pruned["parity_max_abs_diff"],
+        "flops_dense": pruned.flops_dense, "flops_pruned": pruned.flops_pruned,
+        "params_dense": pruned.params_dense, "params_pruned": pruned.params_pruned,
+        "channels_dense": pruned.channels_dense, "channels_removed": pruned.channels_removed,
+        "flops_ratio": pruned.flops_pruned / pruned.flops_dense,
+        "params_ratio": pruned.params_pruned / pruned.params_dense,
+        "latency": bench.latency,
+        "memory": bench.memory,
+        "roofline": bench.roofline,
+        "finetune_history": ft.history,
+    }
+
+
+def write_run_bundle(dest: Path, *, cfg: Config, target, precision: str, data: Dataset,
+                     done: dict[str, Done]) -> Path:
+    """The bundle of one pipeline run: the stages' deliverables, the device kit, manifest and report."""
+    folder = {name: d.folder for name, d in done.items()}
+    quantized, engine = done["quantize"].result, done["engine"].result
+    files = {"model.onnx": folder["export"] / "pruned.onnx", "model.pt": folder["finetune"] / "model.pt",
+             "architecture.json": folder["prune"] / "architecture.json",
+             "rankings.json": folder["rank"] / "rankings.json", "bench.json": folder["bench"] / "bench.json",
+             **{name: folder["quantize"] / name for name in quantized.files}}
+    if engine.built:
+        files[engine.file] = folder["engine"] / engine.file
+    model_files = {"fp32": "model.onnx", "int8": "model.int8.onnx",
+                   **({"fp16": "model.fp16.onnx"} if "model.fp16.onnx" in quantized.files else {})}
+
+    def write_kit(into: Path) -> None:
+        kit.write_kit(into, model_files=model_files, target=target, labels=data.classes, mean=data.mean,
+                      std=data.std, input_size=data.input_shape)
+
+    stages = {name: f.name for name, f in folder.items()}
+    sensitivity = done["prune"].result.sensitivity
+    if sensitivity and (folder["prune"].parent / sensitivity).is_dir():
+        stages = {**{k: v for k, v in stages.items() if k in ("baseline", "rank")}, "sensitivity": sensitivity,
+                  **{k: v for k, v in stages.items() if k not in ("baseline", "rank")}}
+    return write_bundle(dest, cfg=cfg, target=target, data=data, metrics=collect_metrics(done), files=files,
+                        extra_writers=[write_kit],
+                        extra={"stages": stages, "precision": precision, "engine": engine.to_manifest(),
+                               "quantization": quantized.quantization})
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

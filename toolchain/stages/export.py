@@ -7,7 +7,9 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,9 +18,44 @@ import torch
 from torch import nn
 
 from toolchain.errors import BuildError
+from toolchain.stages import baseline, finetune
+from toolchain.stages.base import StageContext
 from toolchain.stages.prune import BorderBiasConv2d
 
 log = logging.getLogger("build_edge")
+NAME = "export"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    finetune: str  # digest
+    prune: str  # digest (the pruned architecture)
+    baseline: str  # digest (the dense model, exported beside the pruned one for the benchmarks)
+    model: str
+    opset: int
+    tolerance: float  # parity: largest |torch - ONNX Runtime| allowed on the probe images
+
+
+@dataclass
+class Result:
+    dense: dict[str, Any]  # export info and parity_max_abs_diff
+    pruned: dict[str, Any]  # the same, and onnxruntime_test_acc
+
+
+def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
+    data = ctx.data
+    models = {"dense": baseline.load_model(ctx, inputs.baseline, inputs.model),
+              "pruned": finetune.load_model(ctx, inputs.finetune, inputs.prune, inputs.model)}
+    probe = data.normalize(data.test.images[:64])
+    result: dict[str, Any] = {}
+    for name, model in models.items():
+        path = folder / f"{name}.onnx"
+        info = export_onnx(model, data.input_shape, path, opset=inputs.opset)
+        info["parity_max_abs_diff"] = check_parity(model, path, probe, inputs.tolerance)
+        result[name] = info
+    result["pruned"]["onnxruntime_test_acc"] = onnx_accuracy(folder / "pruned.onnx", data.normalize(data.test.images),
+                                                             data.test.labels)
+    return Result(**result)
 
 
 class _Tracer(torch.fx.Tracer):

@@ -2,15 +2,67 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from toolchain.stages.data import Dataset, DeviceLoader
+from toolchain.data import Dataset, DeviceLoader
+from toolchain.stages import baseline, prune
+from toolchain.stages.base import StageContext
 from toolchain.train import distributed as dist_utils
-from toolchain.train.engine import Recipe, fit, recalibrate_batchnorm
+from toolchain.train.loop import Recipe, evaluate, fit, recalibrate_batchnorm
+from toolchain.util import atomic_torch_save
+
+NAME = "finetune"
+ALL_RANKS = True  # training runs on every rank under torchrun
+
+
+@dataclass(frozen=True)
+class Inputs:
+    prune: str  # digest
+    baseline: str  # digest (the teacher)
+    model: str
+    epochs: int  # pruned at init: the baseline's epochs and lr, since the cut model is trained, not fine-tuned
+    lr: float
+    momentum: float
+    weight_decay: float
+    label_smoothing: float
+    distill: bool
+    distill_alpha: float
+    distill_temperature: float
+    batch_size: int
+    amp: str
+    world: int  # processes under torchrun: the global batch is batch_size x world
+    seed: int
+    bn_images: int
+
+
+@dataclass
+class Result:
+    test_acc: float
+    history: list[dict[str, Any]]
+
+
+def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
+    model = prune.load_pruned(ctx, inputs.prune, inputs.model)
+    recipe = Recipe(epochs=inputs.epochs, lr=inputs.lr, momentum=inputs.momentum, weight_decay=inputs.weight_decay,
+                    label_smoothing=inputs.label_smoothing, distill_alpha=inputs.distill_alpha,
+                    distill_temperature=inputs.distill_temperature, amp=inputs.amp)
+    teacher = baseline.load_model(ctx, inputs.baseline, inputs.model) if inputs.distill else None
+    model, history = finetune(model, ctx.data, recipe, ctx.device, folder, batch_size=inputs.batch_size,
+                              seed=inputs.seed, teacher=teacher, bn_images=inputs.bn_images)
+    acc = evaluate(model, DeviceLoader(ctx.data.test, ctx.data, 500, ctx.device), ctx.device, desc="eval finetuned")
+    if dist_utils.is_main():
+        atomic_torch_save(model.cpu().to(memory_format=torch.contiguous_format).state_dict(), folder / "model.pt")
+    return Result(test_acc=acc, history=history)
+
+
+def load_model(ctx: StageContext, digest: str, prune_digest: str, model: str) -> nn.Module:
+    """The fine-tuned pruned model a finished stage saved, in eval mode on the CPU."""
+    return prune.load_pruned(ctx, prune_digest, model, weights=ctx.folder(NAME, digest) / "model.pt")
 
 
 def finetune(model: nn.Module, data: Dataset, recipe: Recipe, device: torch.device, workdir: Path, *,

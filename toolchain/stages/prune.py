@@ -21,7 +21,9 @@ to one input size. It is kept for whoever needs pruned == masked.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,18 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from toolchain.allocation import allocate_for_budget
+from toolchain.compensation import compensate
+from toolchain.data import DeviceLoader, balanced_indices
+from toolchain.models import create_model
 from toolchain.ranking.base import LayerRanking, PrunableLayer
+from toolchain.ranking.cutoffs import parse_budget
+from toolchain.stages import baseline, rank
+from toolchain.stages.base import StageContext
+from toolchain.train.loop import evaluate, recalibrate_batchnorm
+from toolchain.util import atomic_torch_save, atomic_write_json, stable_hash
+
+NAME = "prune"
 
 
 class BorderBiasConv2d(nn.Conv2d):
@@ -294,3 +307,114 @@ def build_pruned(dense: nn.Module, example: torch.Tensor, record: PruneRecord) -
     for cname, shape in record.border_bias.items():
         _attach_border(modules[cname], torch.zeros(shape, dtype=modules[cname].weight.dtype))
     return model
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Inputs:
+    rank: str  # digest
+    baseline: str  # digest
+    model: str
+    seed: int
+    keep_ratio: float = 0.5
+    keep: dict[str, float] = field(default_factory=dict)  # per-layer ratio (<= 1) or count (> 1)
+    round_to: int = 1
+    budget: str | None = None  # "flops=0.4": counts from the measured sensitivity instead of keep_ratio
+    bn_images: int = 2000  # training images for the BN re-estimation
+    fold: str = "none"
+    compensation: str = "lstsq"  # "none" when pruning at init: there is no trained network to match
+    compensation_samples: int = 2048
+    at_init: bool = False
+
+
+@dataclass
+class Result:
+    flops_dense: int
+    flops_pruned: int
+    params_dense: int
+    params_pruned: int
+    acc_pruned: float  # removed, nothing else
+    acc_pruned_bn_recalibrated: float
+    acc_oneshot: float  # what fine-tuning starts from: compensated (when on) and BN re-estimated
+    bn_images: int
+    kept_counts: dict[str, int]
+    channels_removed: int
+    channels_dense: int
+    allocation: dict[str, Any] | None = None  # with a budget
+    compensation: dict[str, Any] | None = None
+    sensitivity: str | None = None  # the folder of the cached sensitivity (a budget's), under .work
+
+
+def sensitivity_folder(ctx: StageContext, inputs: Inputs) -> Path:
+    """A budget's allocation measures every layer's sensitivity first. That does not depend on the budget,
+    so runs at other budgets (a study's flops=0.4 and 0.2) share it: a plain cached file keyed by what it
+    reads (the prune stage runs on one rank only, so it needs no stage of its own)."""
+    return ctx.root / ("sensitivity-" + stable_hash(
+        {"stage": "sensitivity", "rank": inputs.rank, "compensation": inputs.compensation,
+         "compensation_samples": inputs.compensation_samples if inputs.compensation != "none" else None,
+         "seed": inputs.seed}))
+
+
+def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
+    data, device, seed = ctx.data, ctx.device, inputs.seed
+    example = torch.zeros(2, *data.input_shape)
+    source = baseline.source_model(ctx, inputs.baseline, inputs.model, at_init=inputs.at_init, seed=seed)
+    dense = baseline.load_model(ctx, inputs.baseline, inputs.model) if inputs.at_init else source
+    layers = find_prunable_layers(dense, example)
+    rankings = rank.load_rankings(ctx.folder(rank.NAME, inputs.rank))
+    compensating = inputs.compensation != "none"
+    test_loader = DeviceLoader(data.test, data, 500, device)
+    fit_images = data.normalize(data.train.images[balanced_indices(data.train.labels, inputs.compensation_samples,
+                                                                   seed + 2)].to(device))
+    extra: dict[str, Any] = {}
+    if inputs.budget:
+        probe = data.normalize(data.train.images[balanced_indices(data.train.labels, 256, seed + 3)].to(device))
+        sensitivity = sensitivity_folder(ctx, inputs)
+        counts, extra["allocation"] = allocate_for_budget(
+            source.to(device), layers, rankings, example.to(device), probe, fit_images[:128],
+            parse_budget(inputs.budget), compensation=compensating, round_to=inputs.round_to, seed=seed,
+            cache=sensitivity / "sensitivity.json")
+        extra["sensitivity"] = sensitivity.name
+        source.cpu()
+    else:
+        counts = resolve_keep_counts(layers, rankings, keep_ratio=inputs.keep_ratio, per_layer=inputs.keep,
+                                     round_to=inputs.round_to)
+    kept = kept_indices(rankings, counts)
+    pruned, record = prune_model(source, example, kept, fold=inputs.fold == "masked")
+    flops_d, params_d = count_flops_params(dense, data.input_shape)
+    flops_p, params_p = count_flops_params(pruned, data.input_shape)
+    acc_raw = evaluate(pruned.to(device), test_loader, device, desc="eval pruned")
+
+    def recalibrate(model: nn.Module) -> int:
+        probe = DeviceLoader(data.train, data, 256, device, shuffle=True, seed=seed + 1)
+        return recalibrate_batchnorm(model, probe, device, inputs.bn_images)
+
+    uncompensated = copy.deepcopy(pruned) if compensating else pruned
+    recalibrated = recalibrate(uncompensated)
+    acc_bn = evaluate(uncompensated, test_loader, device, desc="eval pruned+bn")
+    acc_oneshot = acc_bn
+    if compensating:
+        report = compensate(pruned, source.to(device), fit_images, consumer_outputs(layers, kept), seed=seed)
+        record.bias_added = sorted(set(record.bias_added) | set(report.bias_added))
+        recalibrate(pruned)
+        acc_oneshot = evaluate(pruned, test_loader, device, desc="eval compensated")
+        extra["compensation"] = report.to_json()
+    atomic_torch_save(pruned.cpu().state_dict(), folder / "pruned.pt")
+    atomic_write_json(folder / "architecture.json", {"model": inputs.model, "num_classes": data.num_classes,
+                                                     "input_shape": list(data.input_shape), **record.to_json()})
+    return Result(flops_dense=flops_d, flops_pruned=flops_p, params_dense=params_d, params_pruned=params_p,
+                  acc_pruned=acc_raw, acc_pruned_bn_recalibrated=acc_bn, acc_oneshot=acc_oneshot,
+                  bn_images=recalibrated, kept_counts=counts,
+                  channels_removed=sum(layer.channels - counts[layer.name] for layer in layers),
+                  channels_dense=sum(layer.channels for layer in layers), **extra)
+
+
+def load_pruned(ctx: StageContext, digest: str, model: str, weights: Path | None = None) -> nn.Module:
+    """The pruned architecture a finished prune stage recorded, with its weights (or `weights`), in eval mode."""
+    folder = ctx.folder(NAME, digest)
+    record = PruneRecord.from_json(json.loads((folder / "architecture.json").read_text()))
+    pruned = build_pruned(create_model(model, num_classes=ctx.data.num_classes),
+                          torch.zeros(2, *ctx.data.input_shape), record)
+    pruned.load_state_dict(torch.load(weights or folder / "pruned.pt", map_location="cpu", weights_only=True))
+    return pruned.eval()

@@ -3,14 +3,52 @@ cache, and a FP16 ONNX (TensorRT 11's FP16 path), with accuracy measured by ONNX
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolchain import calibration
-from toolchain.stages.data import Dataset
+from toolchain.data import Dataset
+from toolchain.stages.base import StageContext
 from toolchain.util import atomic_write_json
+
+NAME = "quantize"
+
+
+@dataclass(frozen=True)
+class Inputs:
+    export: str  # digest
+    samples: int  # class-balanced calibration images from the training split
+    method: str
+    seed: int
+    tensorrt_version: str  # the calibration cache's header names it
+    fp16: bool  # the target computes FP16: write and check model.fp16.onnx too
+
+
+@dataclass
+class Result:
+    quantization: dict[str, Any]
+    acc_int8: float
+    acc_int8_host: float
+    files: list[str]
+    acc_fp16: float | None = None
+
+
+def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
+    fp32 = ctx.folder("export", inputs.export) / "pruned.onnx"
+    return Result(**quantize(fp32, ctx.data, folder, samples=inputs.samples, method=inputs.method, seed=inputs.seed,
+                             tensorrt_version=inputs.tensorrt_version, fp16=inputs.fp16))
+
+
+def onnx_files(ctx: StageContext, export: str, quantize_digest: str, result: Result) -> dict[str, Path]:
+    """The deployable ONNX file of each precision: fp32 from the export stage, int8 (and fp16) from this one."""
+    files = {"fp32": ctx.folder("export", export) / "pruned.onnx",
+             "int8": ctx.folder(NAME, quantize_digest) / "model.int8.onnx"}
+    if "model.fp16.onnx" in result.files:
+        files["fp16"] = ctx.folder(NAME, quantize_digest) / "model.fp16.onnx"
+    return files
 
 
 def quantize(fp32_onnx: Path, data: Dataset, folder: Path, *, samples: int, method: str, seed: int,

@@ -1,4 +1,4 @@
-"""Data stage: decode a dataset once, cache it as uint8 tensors, serve batches on the device.
+"""The data every stage reads: decode a dataset once, cache it as uint8 tensors, serve batches on the device.
 
 Sources: ``digits`` (scikit-learn's 8x8 digits upscaled to RGB; offline, real images),
 ``cifar10`` (torchvision's ``cifar-10-batches-py`` layout; downloads when online and absent)
@@ -205,7 +205,6 @@ def load_dataset(
     test_subset: int | None = None,
     seed: int = 0,
 ) -> Dataset:
-    """Entry function of the data stage."""
     source = SOURCES.get(dataset)
     if data_dir is not None and dataset != "digits":
         root = Path(data_dir)
@@ -229,6 +228,25 @@ def load_dataset(
         test = test.subset(balanced_indices(test.labels, test_subset, seed))
     mean, std = _normalization(dataset, normalization, train)
     return Dataset(dataset, list(classes), train, test, mean, std)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which images a run uses. It is the baseline stage's ``data`` input, so every later stage's key
+    holds it through the baseline's digest."""
+
+    dataset: str
+    data_dir: str | None  # resolved to an absolute path
+    image_size: int
+    normalization: str
+    train_subset: int | None
+    test_subset: int | None
+    seed: int
+
+    def load(self, cache_dir: Path) -> Dataset:
+        return load_dataset(self.dataset, self.data_dir, cache_dir=cache_dir, image_size=self.image_size,
+                            normalization=self.normalization, train_subset=self.train_subset,
+                            test_subset=self.test_subset, seed=self.seed)
 
 
 def _normalization(dataset: str, how: str, train: ImageSplit) -> tuple[tuple, tuple]:

@@ -150,7 +150,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, max_im
     """Reset BN running statistics and re-estimate them (cumulative average) on training images.
 
     Removing channels shifts every later layer's input distribution; without this the stale
-    statistics make a pruned model look far worse than its ranking deserves (ALGORITHMS.md 5).
+    statistics make a pruned model look far worse than its ranking deserves (docs/design/algorithms.md §5).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or max_images <= 0:

@@ -1,0 +1,105 @@
+"""Which stages a config change re-runs: every Config field is varied and the stages whose key (the
+digest of their inputs) changed are compared with what the field is read by.
+
+The stages form a chain (each stage's inputs hold the digest of the one before it), so a change
+re-runs the first stage that reads the field and everything after it.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from toolchain.config import Config, build_config
+from toolchain.models import create_model
+from toolchain.pipeline import DELIVERY, TRAINING, preflight, stage_inputs
+from toolchain.stages.base import digest_of
+
+ORDER = [stage.NAME for stage in (*TRAINING, *DELIVERY)]
+BASE = {"dataset": "digits", "model": "vgg11_bn", "image_size": 32}
+
+# field -> (changed value, first stage that re-runs; None: no stage), for a baseline trained by the run
+FIRST = {
+    "target": ("x86-cpu", "quantize"), "out": ("elsewhere", None), "run_name": ("named", None),
+    "seed": (1, "baseline"), "device": ("cpu", None), "dataset": ("imagefolder", "baseline"),
+    "data_dir": ("some/dir", "baseline"), "normalization": ("imagenet", "baseline"),
+    "train_subset": (100, "baseline"), "test_subset": (50, "baseline"), "image_size": (40, "baseline"),
+    "batch_size": (64, "baseline"), "model": ("vgg13_bn", "baseline"), "checkpoint": ("CKPT", "baseline"),
+    "baseline_epochs": (3, "baseline"), "baseline_lr": (0.1, "baseline"),
+    "criterion": ("l1", "rank"), "criterion_options": ({"recon_search": "backward"}, "rank"),
+    "rank_samples": (64, "rank"), "keep_ratio": (0.3, "prune"), "keep": ({"features.0": 0.5}, "prune"),
+    "round_to": (8, "prune"), "budget": ("flops=0.4", "prune"), "bn_recalibration": (100, "prune"),
+    "fold": ("masked", "prune"), "compensation": ("none", "prune"), "compensation_samples": (64, "prune"),
+    "finetune_epochs": (2, "finetune"), "lr": (0.5, "finetune"), "momentum": (0.8, "baseline"),
+    "weight_decay": (1e-4, "baseline"), "label_smoothing": (0.0, "baseline"), "distill": (True, "finetune"),
+    "distill_alpha": (0.9, "finetune"), "distill_temperature": (2.0, "finetune"), "amp": ("off", "baseline"),
+    "opset": (17, "export"), "parity_tolerance": (1e-2, "export"), "precision": ("fp16", "engine"),
+    "calibration_samples": (64, "quantize"), "calibration_method": ("entropy", "quantize"),
+    "bench_runs": (7, "bench"), "bench_batch_sizes": ([1, 4], "engine"),
+}
+# with a checkpoint the baseline is the checkpoint: its training settings only reach the fine-tune
+WITH_CHECKPOINT = {"baseline_epochs": None, "baseline_lr": None, "batch_size": "finetune", "momentum": "finetune",
+                   "weight_decay": "finetune", "label_smoothing": "finetune", "amp": "finetune"}
+
+
+def _digests(cfg: Config, pre=None) -> dict[str, str]:
+    pre = pre or preflight(cfg)
+    return {name: digest_of(name, inputs) for name, inputs in stage_inputs(cfg, pre).items()}
+
+
+def _rerun(first: str | None) -> list[str]:
+    return [] if first is None else ORDER[ORDER.index(first):]
+
+
+def _changed(base: dict, field: str, value, tmp_path) -> list[str]:
+    before = build_config({}, base)
+    after = build_config({}, {**base, field: value})
+    pre_before = preflight(before)
+    # preflight checks data folders and checkpoints; what it resolves from the target is re-resolved
+    pre_after = preflight(after) if field in ("target", "precision", "opset", "checkpoint") else pre_before
+    a, b = _digests(before, pre_before), _digests(after, pre_after)
+    return [name for name in ORDER if a[name] != b[name]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "vgg11.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("vgg11_bn", num_classes=10).state_dict(), path)
+    return str(path)
+
+
+def _value(value, checkpoint):
+    return checkpoint if value == "CKPT" else value
+
+
+def test_every_config_field_is_in_the_table():
+    assert sorted(FIRST) == sorted(f.name for f in dataclasses.fields(Config))
+
+
+@pytest.mark.parametrize("field", sorted(FIRST))
+def test_a_change_reruns_exactly_the_stages_that_read_it(field, checkpoint, tmp_path):
+    value, first = FIRST[field]
+    assert _changed(dict(BASE), field, _value(value, checkpoint), tmp_path) == _rerun(first), field
+
+
+@pytest.mark.parametrize("field", sorted(WITH_CHECKPOINT))
+def test_with_a_checkpoint_training_settings_reach_only_the_finetune(field, checkpoint, tmp_path):
+    value, _ = FIRST[field]
+    base = {**BASE, "checkpoint": checkpoint}
+    assert _changed(base, field, value, tmp_path) == _rerun(WITH_CHECKPOINT[field]), field
+
+
+def test_the_same_target_name_with_other_hardware_reruns_the_bench(checkpoint):
+    """A target profile edited in place (same name, other threads or memory) must not reuse old timings."""
+    cfg = build_config({}, {**BASE, "checkpoint": checkpoint})
+    pre = preflight(cfg)
+    for change in ({"threads": 1}, {"memory_budget_mb": 64}):
+        edited = dataclasses.replace(pre, target=dataclasses.replace(pre.target, **change))
+        a, b = _digests(cfg, pre), _digests(cfg, edited)
+        assert [name for name in ORDER if a[name] != b[name]] == ["bench"], change
+
+
+def test_a_criterion_that_cuts_at_the_keep_ratio_is_ranked_again_when_it_changes():
+    base = {**BASE, "criterion": "cmi", "criterion_options": {"cutoff": "ratio"}}
+    assert _changed(base, "keep_ratio", 0.3, None) == _rerun("rank")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -34,7 +33,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from toolchain.data import balanced_indices, load_dataset  # noqa: E402
 from toolchain.info.renyi import renyi_entropy  # noqa: E402
+from toolchain.models import create_model  # noqa: E402
 from toolchain.ranking.base import PrunableLayer  # noqa: E402
 from toolchain.ranking.capture import FeatureCapture  # noqa: E402
 from toolchain.ranking.cmi import rank_layer  # noqa: E402
@@ -48,73 +49,33 @@ from toolchain.ranking.cutoffs import (  # noqa: E402
     scree_cutoff,
     xmeans_cutoff,
 )
+from toolchain.stages.prune import find_prunable_layers  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def build_model() -> nn.Module:
-    try:
-        from toolchain.models import create_model
-
-        model = create_model("vgg16_bn", num_classes=10)
-    except Exception:  # the models package is still being written: the same architecture locally
-        from torchvision.models.vgg import cfgs, make_layers
-
-        class VGG(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.features = make_layers(cfgs["D"], batch_norm=True)
-                self.classifier = nn.Linear(512, 10)
-
-            def forward(self, x):
-                return self.classifier(torch.flatten(self.features(x), 1))
-
-        model = VGG()
+    model = create_model("vgg16_bn", num_classes=10)
     state = torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.eval()
 
 
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
-    """conv -> BN pairs of ``features`` in order (VGG), with FLOPs at 32x32."""
-    mods = list(model.features.named_children())
-    layers, hw = [], 32
-    for i, (name, m) in enumerate(mods):
-        if isinstance(m, nn.MaxPool2d):
-            hw //= 2
-        if isinstance(m, nn.Conv2d):
-            bn = mods[i + 1][0] if i + 1 < len(mods) and isinstance(mods[i + 1][1], nn.BatchNorm2d) else None
-            flops = 2.0 * m.out_channels * hw * hw * m.in_channels * 9
-            layers.append(PrunableLayer(name=f"features.{name}", conv=m, bn_name=f"features.{bn}" if bn else None,
-                                        channels=m.out_channels, flops=flops, out_hw=(hw, hw)))
-    for a, b in zip(layers, layers[1:]):
-        a.consumers = [b.name]
-    if layers:
-        layers[-1].consumers = ["classifier"]
-    return layers
+    """The prunable convs as the pipeline finds them (the dependency graph), with their FLOPs at 32x32."""
+    return find_prunable_layers(model, torch.zeros(2, 3, 32, 32))
 
 
 def load_samples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
-
-    root = ROOT / ".data" / "cifar10" / "train"
-    if not root.is_dir():
+    """`n` class-balanced, normalised training images, chosen as the rank stage chooses them."""
+    root = ROOT / ".data" / "cifar10"
+    if not (root / "train").is_dir():
         (ROOT / ".data").mkdir(exist_ok=True)
         subprocess.run(["tar", "xzf", str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"), "-C", str(ROOT / ".data")],
                        check=True)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    rng = random.Random(seed)
-    per = [n // len(classes) + (c < n % len(classes)) for c in range(len(classes))]  # class-balanced
-    images, labels = [], []
-    for c, (name, k) in enumerate(zip(classes, per)):
-        files = sorted((root / name).iterdir())
-        for f in rng.sample(files, k):
-            images.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8))
-            labels.append(c)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return x, torch.tensor(labels)
+    data = load_dataset("imagefolder", str(root), cache_dir=ROOT / ".data" / "cache", normalization="cifar10")
+    idx = balanced_indices(data.train.labels, n, seed)
+    return data.normalize(data.train.images[idx]), data.train.labels[idx]
 
 
 def estimate_exact(feats: torch.Tensor, alpha: float, device: torch.device) -> float:

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from toolchain.config import Config, build_config, load_yaml
+from toolchain.cost import CostModel
 from toolchain.errors import UserError
 from toolchain.models import create_model
 from toolchain.ranking.base import LayerRanking
@@ -119,23 +120,18 @@ ANCHORS = (
 
 # -- matched FLOPs -----------------------------------------------------------------------------------------
 class FlopsModel:
-    """FLOPs of a model pruned with a uniform keep ratio, without pruning it.
-
-    A conv's (or linear's) FLOPs scale with ``kept_in / C_in * kept_out / C_out``: its output fraction when it
-    is a prunable layer, its input fraction when it consumes one. Everything else ``count_flops_params``
-    counts stays as it is. Kept counts come from ``prune.resolve_keep_counts``, exactly as the pipeline's
-    prune stage computes them (rounding, ``round_to``, at least one channel).
-    """
+    """FLOPs of a model pruned with a uniform keep ratio, without pruning it: the package's cost model
+    (``toolchain.cost``, which equals the flop counter on pruned models) at the kept counts the pipeline's
+    prune stage computes for that ratio (``prune.resolve_keep_counts``: rounding, ``round_to``, at least one
+    channel)."""
 
     def __init__(self, model: torch.nn.Module, input_shape: Sequence[int], *, round_to: int = 1):
         model = model.eval()
         self.input_shape = tuple(int(v) for v in input_shape)
         self.round_to = round_to
         self.layers = prune_stage.find_prunable_layers(model, torch.zeros(2, *self.input_shape))
-        self.dense_total, _ = prune_stage.count_flops_params(model, self.input_shape)
-        self.module_flops = _module_flops(model, self.input_shape)
-        self.constant = self.dense_total - sum(self.module_flops.values())  # FLOPs no cut changes
-        self.producer = {c: layer.name for layer in self.layers for c in layer.consumers}
+        self.cost = CostModel.of(model, self.input_shape, self.layers)
+        self.dense_total = self.cost.dense_total["flops"]
         self._rankings = {layer.name: LayerRanking(order=[], scores=[]) for layer in self.layers}
 
     def counts(self, ratio: float) -> dict[str, int]:
@@ -143,38 +139,11 @@ class FlopsModel:
                                                round_to=self.round_to)
 
     def fraction_of_counts(self, counts: dict[str, int]) -> float:
-        out = {layer.name: counts[layer.name] / layer.channels for layer in self.layers}
-        total = self.constant
-        for name, flops in self.module_flops.items():
-            total += flops * out.get(name, 1.0) * out.get(self.producer.get(name, ""), 1.0)
-        return total / self.dense_total
+        return self.cost.fraction("flops", counts)
 
     def fraction(self, ratio: float) -> float:
         """Pruned FLOPs / dense FLOPs (as ``count_flops_params`` counts them) at a uniform keep ratio."""
         return self.fraction_of_counts(self.counts(ratio))
-
-
-def _module_flops(model: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
-    """Dense FLOPs of every Conv2d and Linear for one image (2 per multiply-accumulate)."""
-    names = {m: n for n, m in model.named_modules()}
-    flops: dict[str, float] = {}
-
-    def hook(mod, inp, out):
-        if isinstance(mod, torch.nn.Conv2d):
-            per_out = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-        else:
-            per_out = mod.in_features
-        flops[names[mod]] = flops.get(names[mod], 0.0) + 2.0 * out.numel() * per_out
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
-    finally:
-        for h in handles:
-            h.remove()
-    return flops
 
 
 def matched_keep_ratio(flops: FlopsModel, target: float, *, iterations: int = 60) -> float:

@@ -119,14 +119,14 @@ def test_headline_plan_runs_the_default_criterion_under_each_budget(study):
 
 
 def test_every_run_records_the_command_that_rebuilds_it(study):
-    from toolchain.cli import _flag_values, build_parser, config_argv
+    from toolchain.cli import build_parser, config_argv, flag_values
 
     base = build_config({}, {"model": "vgg16_bn", "dataset": "imagefolder", "data_dir": "d", "train_subset": 300,
                              "bench_batch_sizes": [1, 8], "amp": "off", "criterion": "cmi",
                              "criterion_options": {"kernel": "adaptive", "permutations": 5}})
     for cfg in (base, *(v.cfg for v in study.headline_plan(base))):
         argv = config_argv(cfg)
-        assert build_config({}, _flag_values(build_parser().parse_args(argv))) == cfg
+        assert build_config({}, flag_values(build_parser().parse_args(argv))) == cfg
     assert config_argv(build_config({}, {})) == []  # the defaults need no flag
     argv = config_argv(study.headline_plan(base)[0].cfg)
     assert "--distill" in argv and argv[argv.index("--budget") + 1] == "flops=0.4"

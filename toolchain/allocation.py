@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolchain.cost import CostModel
 from toolchain.ranking.base import LayerRanking, PrunableLayer
 from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs
 from toolchain.util import atomic_write_json
@@ -135,5 +136,8 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
         if cache is not None:
             atomic_write_json(cache, sens)
     counts, info = allocate(layers, sens, budget, round_to=round_to)
-    info.update(sensitivity=sens, sensitivity_cached=cached, seconds=round(time.perf_counter() - t0, 2))
+    # the budget is over the prunable layers' cost; the whole model's (as reported) from the same cost model
+    model_cost = CostModel.of(dense, tuple(example.shape[1:]), layers).fraction(budget.kind, counts)
+    info.update(model_cost=model_cost, sensitivity=sens, sensitivity_cached=cached,
+                seconds=round(time.perf_counter() - t0, 2))
     return counts, info

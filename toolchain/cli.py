@@ -169,7 +169,6 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-_add_config_flags, _flag_values = add_config_flags, flag_values  # the old private names (tests, older scripts)
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.backends.base import benchmark
+from toolchain.report.manifest import Variant
 from toolchain.roofline import compare, load_onnx
 from toolchain.stages import tensorrt_engine
 from toolchain.stages.base import StageContext
@@ -36,12 +37,14 @@ class Result:
 
 def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
     export = ctx.folder("export", inputs.export)
-    variants = {"dense/fp32": ("onnxruntime", export / "dense.onnx"),
-                "pruned/fp32": ("onnxruntime", export / "pruned.onnx"),
-                "pruned/int8": ("onnxruntime", ctx.folder("quantize", inputs.quantize) / "model.int8.onnx")}
+    # the variants' names are what the report, the sweep and the study read (report.Variant)
+    variants = {str(Variant("dense", None, "fp32")): ("onnxruntime", export / "dense.onnx"),
+                str(Variant("pruned", None, "fp32")): ("onnxruntime", export / "pruned.onnx"),
+                str(Variant("pruned", None, "int8")): ("onnxruntime", ctx.folder("quantize", inputs.quantize)
+                                                       / "model.int8.onnx")}
     engine = ctx.result(tensorrt_engine, inputs.engine)
     if engine.built:
-        variants[f"pruned-tensorrt/{engine.precision}"] = (
+        variants[str(Variant("pruned", "tensorrt", engine.precision))] = (
             "tensorrt", ctx.folder(tensorrt_engine.NAME, inputs.engine) / engine.file)
     results = bench_models(variants, input_shape=ctx.data.input_shape, threads=inputs.threads, runs=inputs.runs,
                            batch_sizes=list(inputs.batch_sizes), memory_budget_mb=inputs.memory_budget_mb)
@@ -63,7 +66,7 @@ def bench_models(models: dict[str, tuple[str, Path]], *, input_shape: tuple[int,
 def latency_summary(results: dict[str, Any]) -> dict[str, Any]:
     """Per variant and batch size, the statistics people read (no per-run times)."""
     return {name: {"backend": r["backend"], "device": r["device"], "threads": r["threads"], "status": r["status"],
-                   "precision": name.rsplit("/", 1)[-1],
+                   "precision": Variant.parse(name).precision,
                    "batches": {str(b["batch_size"]): {k: b[k] for k in SUMMARY} for b in r["batches"]}}
             for name, r in results.items()}
 

@@ -1,0 +1,133 @@
+"""One cost model of a CNN whose prunable convs keep some of their channels: FLOPs, parameters, filters.
+
+The budget allocator, the study's FLOPs matching and the figures a run reports all read this model,
+so "40% of the FLOPs" means one thing. Every cost is linear in the kept fractions: a conv or linear
+layer costs ``dense * out_frac * in_frac`` (its own kept fraction if it is prunable, its producer's
+if it consumes a prunable layer), a prunable layer's bias and BatchNorm ``dense * out_frac``, and
+the rest nothing or a constant. FLOPs are counted as ``torch.utils.flop_counter`` counts them (2 per
+multiply-accumulate of convs and linear layers); ``total`` equals ``count_flops_params`` of the
+pruned model (tests/test_cost.py checks it on pruned VGG and ResNet models).
+
+A budget (``--budget flops=0.4``) is a fraction of the *prunable* layers' cost, ``budget_terms``:
+that is what the allocator can change. ``fraction`` is of the whole model's cost, as reported
+(``flops_ratio``); on VGG16 the two differ by the classifier's share, under 0.01%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from toolchain.ranking.base import PrunableLayer
+from toolchain.ranking.cutoffs import layer_costs
+
+KINDS = ("flops", "params", "channels")
+
+
+@dataclass(frozen=True)
+class Term:
+    """A cost that scales with the kept fraction of ``out`` (a prunable layer) and of ``inp`` (its producer)."""
+
+    dense: float
+    out: str | None = None  # None: does not scale with an output fraction
+    inp: str | None = None  # None: does not scale with an input fraction
+
+
+@dataclass(frozen=True)
+class CostModel:
+    layers: tuple[PrunableLayer, ...]  # network order
+    terms: dict[str, tuple[Term, ...]]  # kind -> every cost of the model
+    dense_total: dict[str, float]
+
+    @classmethod
+    def of(cls, model: nn.Module, input_shape: Sequence[int], layers: Sequence[PrunableLayer]) -> CostModel:
+        """The model of `model` (dense) at one image of `input_shape`, for the prunable `layers`."""
+        prunable = {layer.name: layer for layer in layers}
+        producer = {c: layer.name for layer in layers for c in layer.consumers}
+        bn_of = {layer.bn_name: layer.name for layer in layers if layer.bn_name}
+        flops = _module_flops(model, input_shape)
+        terms: dict[str, list[Term]] = {kind: [] for kind in KINDS}
+        for name, module in model.named_modules():
+            out, inp = (name if name in prunable else None), producer.get(name)
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                if name in flops:
+                    terms["flops"].append(Term(flops[name], out, inp))
+                terms["params"].append(Term(float(module.weight.numel()), out, inp))
+                if module.bias is not None:
+                    terms["params"].append(Term(float(module.bias.numel()), out))
+            elif name in bn_of:  # the BN of a prunable conv shrinks with it
+                terms["params"] += [Term(float(p.numel()), bn_of[name]) for p in module.parameters(recurse=False)]
+            else:
+                terms["params"] += [Term(float(p.numel())) for p in module.parameters(recurse=False)]
+        terms["channels"] = [Term(float(layer.channels), layer.name) for layer in layers]
+        flops_total, params_total = _count(model, input_shape)
+        # what the flop counter counts beyond convs and linears (other matmuls) stays as a constant
+        rest = flops_total - sum(t.dense for t in terms["flops"])
+        if rest:
+            terms["flops"].append(Term(rest))
+        frozen = {kind: tuple(ts) for kind, ts in terms.items()}
+        return cls(tuple(layers), frozen, {"flops": float(flops_total), "params": float(params_total),
+                                           "channels": float(sum(layer.channels for layer in layers))})
+
+    def _fractions(self, counts: dict[str, int]) -> dict[str, float]:
+        return {layer.name: counts.get(layer.name, layer.channels) / layer.channels for layer in self.layers}
+
+    def total(self, kind: str, counts: dict[str, int]) -> float:
+        """The cost (FLOPs of one image, parameters or filters) of the model pruned to `counts` (missing
+        layers: whole)."""
+        frac = self._fractions(counts)
+        return sum(t.dense * (frac[t.out] if t.out else 1.0) * (frac[t.inp] if t.inp else 1.0)
+                   for t in self.terms[kind])
+
+    def fraction(self, kind: str, counts: dict[str, int]) -> float:
+        """Pruned / dense cost of the whole model: the reported ``flops_ratio`` and ``params_ratio``."""
+        return self.total(kind, counts) / self.dense_total[kind]
+
+    def budget_terms(self, kind: str) -> tuple[list[float], list[float], list[int | None]]:
+        """``(coupled, out_only, producer)`` per prunable layer: the allocator's linear model
+        (``ranking.cutoffs.layer_costs``, ``allocate_budget``), the part of ``terms`` a cut changes that
+        belongs to the prunable layers themselves."""
+        return layer_costs(list(self.layers), kind)
+
+
+def _count(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    p = next(model.parameters())
+    x = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.eval()(x)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return int(counter.get_total_flops()), sum(q.numel() for q in model.parameters())
+
+
+def _module_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
+    """Dense FLOPs of every Conv2d and Linear for one image (2 per multiply-accumulate, as the flop counter)."""
+    names = {m: n for n, m in model.named_modules()}
+    flops: dict[str, float] = {}
+
+    def hook(mod, _inp, out):
+        if isinstance(mod, nn.Conv2d):
+            per_out = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        else:
+            per_out = mod.in_features
+        flops[names[mod]] = flops.get(names[mod], 0.0) + 2.0 * out.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    p = next(model.parameters())
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return flops

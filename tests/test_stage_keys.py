@@ -103,3 +103,9 @@ def test_the_same_target_name_with_other_hardware_reruns_the_bench(checkpoint):
 def test_a_criterion_that_cuts_at_the_keep_ratio_is_ranked_again_when_it_changes():
     base = {**BASE, "criterion": "cmi", "criterion_options": {"cutoff": "ratio"}}
     assert _changed(base, "keep_ratio", 0.3, None) == _rerun("rank")
+
+
+def test_without_compensation_its_images_still_key_the_prune():
+    """A budget's sensitivity probes re-estimate BN on the compensation images even when nothing is refitted."""
+    base = {**BASE, "compensation": "none", "budget": "flops=0.4"}
+    assert _changed(base, "compensation_samples", 64, None) == _rerun("prune")

@@ -183,7 +183,7 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
         "prune": add(prune, prune.Inputs(
             digest["rank"], digest["baseline"], cfg.model, cfg.seed, cfg.keep_ratio, dict(cfg.keep), cfg.round_to,
             cfg.budget, cfg.bn_recalibration, cfg.fold, compensation,
-            cfg.compensation_samples if compensation != "none" else 0, at_init)),
+            cfg.compensation_samples, at_init)),
         "finetune": add(finetune, finetune.Inputs(
             digest["prune"], digest["baseline"], cfg.model, *((cfg.baseline_epochs, cfg.baseline_lr) if at_init
                                                               else (cfg.finetune_epochs, cfg.lr)),

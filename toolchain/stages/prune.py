@@ -324,7 +324,7 @@ class Inputs:
     bn_images: int = 2000  # training images for the BN re-estimation
     fold: str = "none"
     compensation: str = "lstsq"  # "none" when pruning at init: there is no trained network to match
-    compensation_samples: int = 2048
+    compensation_samples: int = 2048  # also the images a budget's sensitivity probes re-estimate BN on
     at_init: bool = False
 
 
@@ -352,7 +352,7 @@ def sensitivity_folder(ctx: StageContext, inputs: Inputs) -> Path:
     reads (the prune stage runs on one rank only, so it needs no stage of its own)."""
     return ctx.root / ("sensitivity-" + stable_hash(
         {"stage": "sensitivity", "rank": inputs.rank, "compensation": inputs.compensation,
-         "compensation_samples": inputs.compensation_samples if inputs.compensation != "none" else None,
+         "compensation_samples": inputs.compensation_samples,
          "seed": inputs.seed}))
 
 

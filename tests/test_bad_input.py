@@ -331,3 +331,24 @@ def test_19_the_baseline_key_holds_the_momentum(tmp_path, monkeypatch):
             main([*TINY, "--out", str(tmp_path / "out"), "--momentum", momentum])
     assert keys[0] != keys[1]
     assert not (tmp_path / "out" / ".lock").exists()
+
+
+def test_a_model_with_nothing_to_prune_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """Refused in preflight (it used to be found after the baseline was trained)."""
+    from torch import nn
+
+    from toolchain.models import MODELS
+
+    class LinearOnly(nn.Module):
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.fc = nn.Linear(3 * 32 * 32, num_classes)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(x, 1))
+
+    monkeypatch.setitem(MODELS._items, "linear_only", LinearOnly)
+    args = [a for a in TINY if a != "vgg11_bn"]
+    args[args.index("--model") + 1:args.index("--model") + 1] = ["linear_only"]
+    _refused(capsys, [*args, "--out", str(tmp_path / "out")], "has no prunable convolution")
+    assert not (tmp_path / "out").exists()

@@ -83,8 +83,10 @@ def preflight(cfg: Config) -> Preflight:
     except RuntimeError as e:
         raise UserError(f"image_size {cfg.image_size} does not fit {cfg.model}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    names = {layer.name for layer in prune.find_prunable_layers(model, example)}
+    if not names:
+        raise UserError(f"model {cfg.model} has no prunable convolution")
     if cfg.keep:  # per-layer names must name prunable layers: check now, not after training
-        names = {layer.name for layer in prune.find_prunable_layers(model, example)}
         unknown = sorted(set(cfg.keep) - names)
         if unknown:
             raise UserError(f"keep: unknown layer(s) {', '.join(unknown)}; prunable layers of {cfg.model}: "

@@ -163,6 +163,21 @@ def _entropy_ranges(model_path: Path, reader: ImageCalibrationReader, work: Path
     return overrides
 
 
+def _preprocessed(fp32_onnx: Path, work: Path, info: dict[str, Any]) -> Path:
+    """``quant_pre_process`` (shape inference + graph optimisation) into `work`; the model as is if it fails
+    (shape inference can fail on exotic graphs), with the reason in `info`."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = work / "preprocessed.onnx"
+    try:
+        quant_pre_process(str(fp32_onnx), str(pre))
+        return pre
+    except Exception as e:  # noqa: BLE001 - whatever it raises, quantizing the model as is still works
+        info["preprocess_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        log.warning("quant_pre_process failed (%s); quantizing the model as is", info["preprocess_error"])
+        return fp32_onnx
+
+
 def quantize_int8(fp32_onnx: Path, out_onnx: Path, images: np.ndarray, method: str = "minmax",
                   per_channel: bool = True, *, batch_size: int = 32, preprocess: bool = True,
                   reduce_range: bool = False, nodes_to_exclude: list[str] | None = None,
@@ -210,18 +225,8 @@ def quantize_int8(fp32_onnx: Path, out_onnx: Path, images: np.ndarray, method: s
                             "entropy_bins": entropy_bins if method == "entropy" else None,
                             "images": int(len(images)), "batch_size": int(batch_size), "input": graph_input.name}
     with tempfile.TemporaryDirectory(prefix="build-edge-quant-") as work:
-        source = fp32_onnx
-        info["preprocessed"] = False
-        if preprocess:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = Path(work) / "preprocessed.onnx"
-            try:
-                quant_pre_process(str(fp32_onnx), str(pre))
-                source, info["preprocessed"] = pre, True
-            except Exception as e:  # shape inference can fail on exotic graphs: quantize as is
-                info["preprocess_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-                log.warning("quant_pre_process failed (%s); quantizing the model as is", info["preprocess_error"])
+        source = _preprocessed(fp32_onnx, Path(work), info) if preprocess else fp32_onnx
+        info["preprocessed"] = source != fp32_onnx
         reader = ImageCalibrationReader(images, graph_input.name, batch_size)
         if method == "entropy":
             # ONNX Runtime's entropy calibrator defaults to 128 histogram bins for 128 quantized bins: one

@@ -69,6 +69,8 @@ from toolchain.errors import UserError
 from toolchain.models import create_model
 from toolchain.ranking.base import LayerRanking
 from toolchain.ranking.cutoffs import parse_budget
+from toolchain.report import Manifest
+from toolchain.report import Variant as ReportVariant  # a benchmarked variant's name (the study has its own)
 from toolchain.stages import prune as prune_stage
 from toolchain.sweep import sweep_row, variant_configs
 
@@ -317,17 +319,17 @@ def study_row(v: Variant, bundle: Path) -> dict[str, Any]:
 
     row = sweep_row(v.name, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    m = manifest["metrics"]
-    lat = m.get("latency") or {}
-    int8 = (lat.get("pruned/int8") or {}).get("batches", {}).get("1", {}) if isinstance(lat, dict) else {}
+    m = Manifest.parse(manifest).metrics
+    count = (lambda x: None if x is None else int(x))
     row.update({
-        "acc_onnxruntime": m.get("acc_onnxruntime"), "acc_int8_host": m.get("acc_int8_host"),
-        "flops_dense": m.get("flops_dense"), "flops_pruned": m.get("flops_pruned"),
-        "params_dense": m.get("params_dense"), "params_pruned": m.get("params_pruned"),
-        "channels_dense": m.get("channels_dense"), "int8_latency_p50_ms": int8.get("p50_ms"),
-        "flops_reduction": 1.0 - m["flops_ratio"], "params_reduction": 1.0 - m["params_ratio"],
+        "acc_onnxruntime": m.acc_onnxruntime, "acc_int8_host": m.acc_int8_host,
+        "flops_dense": count(m.flops_dense), "flops_pruned": count(m.flops_pruned),
+        "params_dense": count(m.params_dense), "params_pruned": count(m.params_pruned),
+        "channels_dense": count(m.channels_dense),
+        "int8_latency_p50_ms": m.p50_ms(ReportVariant("pruned", None, "int8")),
+        "flops_reduction": 1.0 - m.flops_ratio, "params_reduction": 1.0 - m.params_ratio,
         "budget": v.cfg.budget, "test_images": manifest["data"]["test"], "train_images": manifest["data"]["train"],
-        "compensation_seconds": m.get("compensation_seconds"),
+        "compensation_seconds": manifest["metrics"].get("compensation_seconds"),
         "command": shlex.join(["build-edge", *config_argv(v.cfg)]),
     })
     seconds = stage_seconds(bundle, manifest)

@@ -17,7 +17,7 @@ from typing import Any
 from toolchain.config import Config, build_config
 from toolchain.errors import UserError
 from toolchain.pipeline import preflight, run_pipeline
-from toolchain.report import write_sweep_report
+from toolchain.report import Manifest, Variant, write_sweep_report
 from toolchain.util import atomic_write_json
 
 log = logging.getLogger("build_edge")
@@ -60,16 +60,18 @@ def variant_configs(base: Config, axes: dict[str, list[Any]]) -> list[tuple[str,
 
 
 def sweep_row(label: str, bundle: Path) -> dict[str, Any]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    m, cfg = manifest["metrics"], manifest["config"]
-    p50 = {name: v["batches"].get("1", {}).get("p50_ms") for name, v in m["latency"].items()}
-    return {"label": label, "criterion": cfg["criterion"], "criterion_options": cfg["criterion_options"],
-            "keep_ratio": cfg["keep_ratio"], "flops_ratio": m["flops_ratio"], "params_ratio": m["params_ratio"],
-            "channels_removed": m["channels_removed"], "acc_dense": m["acc_dense"], "acc_pruned": m["acc_pruned"],
-            "acc_pruned_bn_recalibrated": m["acc_pruned_bn_recalibrated"], "acc_oneshot": m.get("acc_oneshot"),
-            "acc_finetuned": m["acc_finetuned"],
-            "acc_int8": m.get("acc_int8"), "latency_p50_ms": p50.get("pruned/fp32"),
-            "dense_latency_p50_ms": p50.get("dense/fp32"), "bundle": bundle.name}
+    """A bundle's row of a sweep table, read through the report's typed view of the manifest."""
+    raw = json.loads((bundle / "manifest.json").read_text())
+    man = Manifest.parse(raw)
+    m = man.metrics
+    count = (lambda x: None if x is None else int(x))
+    return {"label": label, "criterion": man.criterion, "criterion_options": man.criterion_options,
+            "keep_ratio": raw["config"]["keep_ratio"], "flops_ratio": m.flops_ratio, "params_ratio": m.params_ratio,
+            "channels_removed": count(m.channels_removed), "acc_dense": m.acc_dense, "acc_pruned": m.acc_pruned,
+            "acc_pruned_bn_recalibrated": m.acc_pruned_bn_recalibrated, "acc_oneshot": m.acc_oneshot,
+            "acc_finetuned": m.acc_finetuned, "acc_int8": m.acc_int8,
+            "latency_p50_ms": m.p50_ms(Variant("pruned", None, "fp32")),
+            "dense_latency_p50_ms": m.p50_ms(Variant("dense", None, "fp32")), "bundle": bundle.name}
 
 
 def run_sweep(base: Config, axes: dict[str, list[Any]]) -> Path:

@@ -135,6 +135,10 @@ class Metrics:
                    if isinstance(history, list) else [],
                    keys=frozenset(str(k) for k in m))
 
+    def p50_ms(self, variant: Variant | str, batch: int = 1) -> float | None:
+        """The measured median latency of a benchmarked variant at one batch size (None if not measured)."""
+        return num(self.latency.get(str(variant), {}).get("batches", {}).get(str(batch), {}).get("p50_ms"))
+
     def wrote(self, *keys: str) -> bool:
         """Whether the manifest has any of these keys, even with a null value (a stage ran, its figure lost)."""
         return any(k in self.keys for k in keys)

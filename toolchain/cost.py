@@ -64,7 +64,7 @@ class CostModel:
             else:
                 terms["params"] += [Term(float(p.numel())) for p in module.parameters(recurse=False)]
         terms["channels"] = [Term(float(layer.channels), layer.name) for layer in layers]
-        flops_total, params_total = _count(model, input_shape)
+        flops_total, params_total = count_flops_params(model, input_shape)
         # what the flop counter counts beyond convs and linears (other matmuls) stays as a constant
         rest = flops_total - sum(t.dense for t in terms["flops"])
         if rest:
@@ -94,16 +94,16 @@ class CostModel:
         return layer_costs(list(self.layers), kind)
 
 
-def _count(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+def count_flops_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    """(FLOPs of one image, parameter count) as measured on a model; FLOPs from torch.utils.flop_counter
+    (2 per multiply-accumulate)."""
     p = next(model.parameters())
     x = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.eval()(x)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
     return int(counter.get_total_flops()), sum(q.numel() for q in model.parameters())
 
 

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from toolchain.allocation import allocate_for_budget
 from toolchain.compensation import compensate
+from toolchain.cost import count_flops_params
 from toolchain.data import DeviceLoader, balanced_indices
 from toolchain.models import create_model
 from toolchain.ranking.base import LayerRanking, PrunableLayer
@@ -134,18 +134,6 @@ def find_prunable_layers(model: nn.Module, example: torch.Tensor,
         layers.append(PrunableLayer(name=name, conv=conv, bn_name=bn_name, channels=conv.out_channels,
                                     flops=flops, out_hw=(ho, wo), consumers=consumers))
     return layers
-
-
-def count_flops_params(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(FLOPs of one image, parameter count); FLOPs from torch.utils.flop_counter (2 per MAC)."""
-    p = next(model.parameters())
-    x = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
-    return int(counter.get_total_flops()), sum(q.numel() for q in model.parameters())
 
 
 def resolve_keep_counts(layers: list[PrunableLayer], rankings: dict[str, LayerRanking], *, keep_ratio: float,

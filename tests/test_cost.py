@@ -49,3 +49,19 @@ def test_the_budget_is_the_prunable_part_of_the_same_model():
     classifier = 2.0 * 512 * 10 * counts[last.name] / last.channels
     prunable = budget_cost(keep, channels, coupled, out_only, producer) * (sum(coupled) + sum(out_only))
     assert prunable + classifier == pytest.approx(cost.total("flops", counts), rel=1e-12)
+
+
+def test_the_roofline_counts_the_flops_the_cost_model_counts():
+    """The latency estimate's FLOPs are the cost model's, dense and pruned (one cost model)."""
+    from toolchain.roofline import estimate
+    from toolchain.targets import load_target
+
+    model, layers = _model("vgg11_bn")
+    cost = CostModel.of(model, SHAPE, layers)
+    counts = {layer.name: max(1, layer.channels // (2 + i % 3)) for i, layer in enumerate(layers)}
+    pruned, _ = prune_model(model, torch.zeros(2, *SHAPE), {n: list(range(c)) for n, c in counts.items()})
+    target = load_target("jetson")
+    for net, kept in ((model, {}), (pruned, counts)):
+        roof = estimate(net, target, "fp32", 2, SHAPE)
+        assert roof.total_flops == pytest.approx(2 * cost.total("flops", kept), rel=1e-12)  # batch 2
+        assert roof.total_flops == pytest.approx(2 * count_flops_params(net, SHAPE)[0], rel=1e-12)

@@ -107,17 +107,22 @@ def count_flops_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[in
     return int(counter.get_total_flops()), sum(q.numel() for q in model.parameters())
 
 
+def layer_flops(module: nn.Module, output: torch.Tensor) -> int:
+    """FLOPs of one call of a conv (any dimension, grouped) or linear layer that produced `output`:
+    2 x output elements x inputs each one reads, as ``torch.utils.flop_counter`` counts them. The
+    cost model and the roofline estimate (``toolchain.roofline``) both count with it."""
+    if isinstance(module, nn.Linear):
+        return 2 * output.numel() * module.in_features
+    return 2 * output.numel() * module.weight[0].numel()  # conv: (C_in / groups) x kernel per output
+
+
 def _module_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
     """Dense FLOPs of every Conv2d and Linear for one image (2 per multiply-accumulate, as the flop counter)."""
     names = {m: n for n, m in model.named_modules()}
     flops: dict[str, float] = {}
 
     def hook(mod, _inp, out):
-        if isinstance(mod, nn.Conv2d):
-            per_out = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-        else:
-            per_out = mod.in_features
-        flops[names[mod]] = flops.get(names[mod], 0.0) + 2.0 * out.numel() * per_out
+        flops[names[mod]] = flops.get(names[mod], 0.0) + float(layer_flops(mod, out))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     p = next(model.parameters())

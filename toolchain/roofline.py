@@ -17,7 +17,9 @@ ONNX Runtime fold/fuse them into the neighbouring convolution; counting their tr
 the "lower bound" too high.
 
 Two inputs: a torch ``nn.Module`` (forward hooks, with an example input size) or an ONNX model
-(path or ModelProto; onnx shape inference).
+(path or ModelProto; onnx shape inference). A layer's FLOPs are the cost model's
+(``toolchain.cost.layer_flops``, what the budgets and the reported ``flops_ratio`` count) on the
+torch path; the ONNX path applies the same rule to the graph's shapes.
 """
 
 from __future__ import annotations
@@ -189,6 +191,8 @@ def _torch_layers(model: nn.Module, input_size: Sequence[int], batch: int) -> li
     import torch
     from torch import nn
 
+    from toolchain.cost import layer_flops
+
     compute = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     memory_only = (
         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -207,14 +211,10 @@ def _torch_layers(model: nn.Module, input_size: Sequence[int], batch: int) -> li
             label = name if calls[name] == 1 else f"{name}#{calls[name]}"
             params = sum(p.numel() for p in module.parameters(recurse=False))
             elements = x.numel() + output.numel()
-            if isinstance(module, nn.Linear):
-                flops = 2 * output.numel() * module.in_features
+            flops = 0
+            if isinstance(module, compute):  # counted as the cost model counts them
+                flops = layer_flops(module, output)
                 elements += params
-            elif isinstance(module, compute):  # conv: 2 x out elements x (Cin/groups) x kernel
-                flops = 2 * output.numel() * module.weight[0].numel()
-                elements += params
-            else:
-                flops = 0
             records.append((label, type(module).__name__, int(flops), int(elements)))
 
         return fn

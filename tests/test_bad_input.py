@@ -96,6 +96,14 @@ def test_03_an_option_the_criterion_does_not_take_names_the_criteria_that_do(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_03_a_criterion_option_samples_points_to_the_run_setting(tmp_path, capsys):
+    """It used to be accepted and ignored: a YAML asking cmi for 64 images ranked on the default number."""
+    config = tmp_path / "run.yaml"
+    config.write_text("criterion: cmi\ncriterion_options:\n  samples: 64\n")
+    _refused(capsys, [*TINY, "--config", str(config), "--out", str(tmp_path / "out")], "--samples")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("opset", ["99", "12"])
 def test_04_an_opset_the_exporter_cannot_write_is_refused(tmp_path, capsys, opset):
     _refused(capsys, [*TINY, "--out", str(tmp_path / "out"), "--opset", opset], "opset")

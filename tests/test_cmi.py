@@ -416,7 +416,7 @@ def test_ratio_cutoff_uses_the_runs_keep_ratio():
 
 
 def test_option_defaults():
-    o = parse_options({"samples": 256})
+    o = parse_options({})
     assert (o.formulation, o.order, o.cutoff, o.budget, o.alpha, o.gamma, o.permutations, o.eta, o.kernel,
             o.preserve) == ("per-layer", "forward", "ratio", None, 2.0, 5.0, 100, 0.05, "adaptive", "next")
 

@@ -368,7 +368,7 @@ def test_bad_options_raise_user_error(options):
 
 
 def test_option_defaults():
-    o = parse_options({"samples": 256}, [])
+    o = parse_options({}, [])
     assert (o.estimator, o.confidence, o.alpha, o.gamma, o.repeats, o.at_init, o.mlp_layers) == \
         ("renyi", 0.95, 2.0, 5.0, 5, False, None)
     o = parse_options({"mipp_estimator": "mlp", "mlp_layers": "a, b"}, ["a", "b"])

@@ -74,6 +74,9 @@ def check_options(name: str, options: Mapping[str, Any]) -> Any:
 
     cls = CRITERIA.options(name)
     takes = option_keys(cls)
+    if "samples" in options:  # not a criterion's own setting: the rank stage draws the images for all
+        raise UserError(f"criterion option samples is not an option of {name}: the ranking images are the run's "
+                        "--samples (rank_samples in a YAML config)")
     for key in sorted(set(options) - set(takes)):
         others = [n for n in CRITERIA.names() if key in option_keys(CRITERIA.options(n))]
         where = f"; it is an option of {', '.join(others)}" if others else ""

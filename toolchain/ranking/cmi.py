@@ -99,8 +99,6 @@ class CMIOptions:
     preserve: str = option(
         "next", "what the selection preserves: the labels (the papers') or the next layer's response (adaptive "
         "kernel)", choices=PRESERVES, default_text="`next` (`labels` with `kernel: exact`)")
-    samples: int | None = option(None, "accepted and ignored: the run's `--samples` sets the ranking images",
-                                 flag=False, lo=1)
 
     def checked(self, given: Mapping[str, Any]) -> CMIOptions:
         # the exact (paper) kernel preserves the labels unless told otherwise; next needs the adaptive one
@@ -289,8 +287,7 @@ def cmi_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
     (scree | xmeans | permutation | knee | ratio), budget ("flops=0.4" / "params=0.2": keep at
     most that fraction of the prunable convs, overrides the cutoff), alpha (2.0), gamma (5.0),
     permutations (100), eta (0.05), keep_ratio (for cutoff=ratio), kernel (exact: the paper's
-    widths and ties to the lowest index; adaptive: median widths, ties by single-channel MI),
-    samples (applied by the caller; ignored here).
+    widths and ties to the lowest index; adaptive: median widths, ties by single-channel MI).
     """
     return _Engine(ctx, parse_options(ctx.options)).run()
 

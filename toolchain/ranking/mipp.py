@@ -396,8 +396,6 @@ class MIPPOptions:
         parse=check_names, values="layer names, comma-separated (YAML: or a list)", default_text="all")
     kernel: str = option("median", "kernel widths of the renyi estimator: the median of the layer's distances "
                          "(scale-free) or the paper's rule", key="mipp_kernel", choices=KERNELS)
-    samples: int | None = option(None, "accepted and ignored: the run's `--samples` sets the ranking images",
-                                 flag=False, lo=1)
 
     def checked(self, given: Mapping[str, Any], layer_names: Sequence[str] | None = None) -> MIPPOptions:
         if self.estimator == "mlp":  # a t-test over the repeats needs two of them
@@ -415,7 +413,7 @@ class MIPPOptions:
 def parse_options(options: Mapping[str, Any] | None, layer_names: Sequence[str] | None = None) -> MIPPOptions:
     """Validate ``RankContext.options`` for mipp; bad values raise a one-line UserError.
 
-    ``samples`` is accepted and ignored; ``mlp_layers`` (a list or a comma-separated string of
+    ``mlp_layers`` (a list or a comma-separated string of
     prunable layer names, checked against ``layer_names`` when given) needs ``mipp_estimator=mlp``.
     """
     return parse(MIPPOptions, options, criterion="mipp", layer_names=layer_names)
@@ -448,7 +446,7 @@ def mipp_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
     restricted to the channels kept there. Options: mipp_estimator (renyi | mlp), confidence
     (0.95), alpha (2.0), gamma (5.0), repeats (5), at_init (false: BN statistics are then
     estimated on the samples first), mlp_layers (layers run with mlp; the others fall back to
-    renyi), mipp_kernel (paper | median), samples (applied by the caller). ``keep`` is the
+    renyi), mipp_kernel (paper | median). ``keep`` is the
     number of channels MIPP kept (at least 1); ``order`` lists the kept channels by evidence,
     then the removed ones by evidence.
     """

@@ -106,6 +106,23 @@ def test_refit_adds_a_bias_where_the_consumer_had_none():
     assert pruned.features[4].bias is not None
 
 
+def test_the_refit_builds_no_autograd_graph_when_called_with_gradients_on():
+    """The prune stage calls it outside no_grad: the moments used to carry the forward passes' graph (memory
+    growing with the images) and the residual warned about a tensor that requires grad."""
+    import warnings
+
+    dense = _trained_looking(3)
+    example = torch.zeros(2, 3, 8, 8)
+    layers = find_prunable_layers(dense, example)
+    kept = {"features.0": [0, 1, 3]}
+    pruned, _ = prune_model(dense, example, kept)
+    assert torch.is_grad_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = compensate(pruned, dense, torch.randn(64, 3, 8, 8), consumer_outputs(layers, kept))
+    assert report.consumers and all(p.is_leaf and p.requires_grad for p in pruned.parameters())
+
+
 @pytest.mark.parametrize("view", [1, 2, 5])
 def test_augmented_views_keep_the_shape_and_change_the_content(view):
     x = torch.randn(4, 3, 8, 8)

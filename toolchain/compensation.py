@@ -263,6 +263,7 @@ def _dense_targets(dense: nn.Module, order: list[str], consumers: dict[str, list
     return {(n, v): [cache[target_key(n, v, a, b)] for a, b in batches] for n, v in picks}
 
 
+@torch.no_grad()  # a least-squares refit: no graph through the forward passes it accumulates moments from
 def compensate(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, consumers: dict[str, list[int] | None], *,
                ridge: float = 1e-2, positions_per_image: int = 64, rows_per_unknown: float = 1.0,
                max_views: int = 12, batch_size: int = 128, seed: int = 0,

@@ -33,11 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("BUILD_EDGE_NO_PROGRESS", "1")
 
+from toolchain.cost import count_flops_params  # noqa: E402
 from toolchain.data import DeviceLoader, balanced_indices, load_dataset  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
 from toolchain.ranking.base import CRITERIA, RankContext  # noqa: E402
 from toolchain.ranking.mipp import mipp_criterion  # noqa: E402,F401  (registers "mipp")
-from toolchain.stages.prune import count_flops_params, find_prunable_layers, prune_model  # noqa: E402
+from toolchain.stages.prune import find_prunable_layers, prune_model  # noqa: E402
 from toolchain.train.loop import evaluate, recalibrate_batchnorm  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

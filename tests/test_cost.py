@@ -5,10 +5,10 @@ the prunable part of the same model."""
 import pytest
 import torch
 
-from toolchain.cost import CostModel
+from toolchain.cost import CostModel, count_flops_params
 from toolchain.models import create_model
 from toolchain.ranking.cutoffs import budget_cost
-from toolchain.stages.prune import count_flops_params, find_prunable_layers, prune_model
+from toolchain.stages.prune import find_prunable_layers, prune_model
 
 SHAPE = (3, 32, 32)
 

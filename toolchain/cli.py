@@ -23,10 +23,15 @@ HELP = {
     "run_name": "bundle folder name (default: <dataset>-<model>-<criterion>-<target>)",
     "dataset": "digits (offline demo), cifar10 or imagefolder",
     "data_dir": "cifar10: folder with cifar-10-batches-py/; imagefolder: folder with train/ and test/",
-    "normalization": "auto, cifar10 or imagenet mean/std",
+    "normalization": "auto (ImageNet for torchvision: and timm: models, CIFAR-10 for cifar10, else the train "
+                     "split's own), cifar10 or imagenet mean/std",
     "train_subset": "use a class-balanced subset of this many training images",
     "test_subset": "use a class-balanced subset of this many test images",
-    "checkpoint": "dense model state dict (weights-only); without it the baseline is trained first",
+    "model": "a built-in name (vgg11_bn..vgg19_bn, resnet18, resnet34: CIFAR stems), torchvision:NAME, timm:NAME "
+             "or package.module:factory (a function returning an nn.Module)",
+    "checkpoint": "dense model weights (weights-only): a state dict, or a dict holding one under state_dict, "
+                  "model, model_state, model_state_dict or ema; a 'module.' prefix is dropped. Without it the "
+                  "baseline is trained first",
     "criterion": "channel ranking: recon (default), l1, random, bn-scale, taylor, cmi, mipp",
     "keep_ratio": "fraction of channels kept in every prunable layer",
     "round_to": "round kept channel counts up to a multiple of this (8 suits tensor cores)",

@@ -22,7 +22,7 @@ from toolchain.config import OPSET_DEFAULT, Config
 from toolchain.data import SOURCES as DATA_SOURCES
 from toolchain.data import DataSpec, count_classes
 from toolchain.errors import UserError
-from toolchain.models import MODELS, create_model
+from toolchain.models import create_model, default_normalization
 from toolchain.ranking import CRITERIA, load_criteria
 from toolchain.ranking.base import check_options, default_samples
 from toolchain.stages import baseline, bench, bundle, export, finetune, prune, quantize, rank, tensorrt_engine
@@ -60,7 +60,6 @@ def preflight(cfg: Config) -> Preflight:
     opset = cfg.opset or min(OPSET_DEFAULT, limit or OPSET_DEFAULT)
     load_criteria()
     check_options(cfg.criterion, cfg.criterion_options)
-    MODELS.get(cfg.model)
     DATA_SOURCES.get(cfg.dataset)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -168,7 +167,8 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
         return inputs
 
     data = DataSpec(cfg.dataset, str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, cfg.image_size,
-                    cfg.normalization, cfg.train_subset, cfg.test_subset, cfg.seed)
+                    cfg.normalization if cfg.normalization != "auto" else default_normalization(cfg.model),
+                    cfg.train_subset, cfg.test_subset, cfg.seed)
     at_init = bool(cfg.criterion_options.get("at_init"))
     compensation = "none" if at_init else cfg.compensation  # at init there is no trained network to match
     training = baseline.Training(cfg.baseline_epochs, cfg.baseline_lr, cfg.momentum, cfg.batch_size,

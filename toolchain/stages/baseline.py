@@ -32,6 +32,27 @@ def _first_line(e: BaseException) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
 
 
+# where training scripts keep the weights inside a checkpoint dict (torchvision's reference, timm, Lightning and
+# hand-written loops), in the order tried: the first that holds a dict wins (timm's "state_dict" before its EMA)
+STATE_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "ema", "state_dict_ema", "model_ema")
+# prefixes wrappers add to every key: DistributedDataParallel/DataParallel, torch.compile, a Lightning module
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _without_wrapper_prefixes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+                              ) -> dict[str, torch.Tensor]:
+    """`state` with the wrapper prefixes that every one of its keys carries (and the model's keys do not)
+    removed, outermost first."""
+    stripped = True
+    while stripped and state:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in expected):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
+    return state
+
+
 def read_checkpoint(path: str | Path, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
     """A state dict from `path`, verified to load strictly into `model_name`; UserError otherwise."""
     p = Path(path)
@@ -48,16 +69,14 @@ def read_checkpoint(path: str | Path, model_name: str, num_classes: int) -> dict
                         f"tensors (refused for safety); save it with torch.save(model.state_dict(), path)") from None
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
         raise UserError(f"checkpoint {p} could not be read: {type(e).__name__}: {_first_line(e)}") from None
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = next((obj[k] for k in STATE_KEYS if isinstance(obj.get(k), dict)), obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {p} is not a state dict (a mapping of parameter names to tensors)")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+        raise UserError(f"checkpoint {p} is not a state dict (a mapping of parameter names to tensors), nor a "
+                        f"dict holding one under {', '.join(STATE_KEYS)}")
     model = create_model(model_name, num_classes=num_classes)
     expected = model.state_dict()
+    obj = _without_wrapper_prefixes(obj, expected)
     missing = [k for k in expected if k not in obj]
     unexpected = [k for k in obj if k not in expected]
     shapes = [k for k in expected if k in obj and obj[k].shape != expected[k].shape]

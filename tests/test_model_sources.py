@@ -1,0 +1,150 @@
+"""Models from torchvision, timm and an import path; checkpoints as training scripts save them.
+
+The model string alone must rebuild the model in a fresh process (the bundle records it), and a
+checkpoint must load weights-only whatever dict and prefixes wrap it."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from toolchain.errors import UserError
+from toolchain.models import create_model, default_normalization
+from toolchain.stages.baseline import read_checkpoint
+from toolchain.stages.prune import find_prunable_layers, prune_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+USER_MODULE = textwrap.dedent("""
+    from torch import nn
+
+    def small(num_classes=10):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def fixed_head():
+        return small(5)
+
+    def not_a_model(num_classes=10):
+        return "resnet"
+
+    def broken(num_classes=10):
+        raise ValueError("no such width")
+""")
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("my_models", None)
+
+
+def test_torchvision_models_take_the_class_count_and_are_torchvisions():
+    model = create_model("torchvision:resnet18", num_classes=7)
+    assert isinstance(model, torchvision.models.ResNet)
+    assert model.fc.out_features == 7 and model.conv1.weight.shape == (64, 3, 7, 7)  # the ImageNet stem
+    with pytest.raises(UserError, match="unknown torchvision model 'resnet7'"):
+        create_model("torchvision:resnet7")
+
+
+def test_an_import_path_calls_the_factory_with_the_class_count_where_it_takes_one(user_module):
+    assert create_model("my_models:small", num_classes=3)[-1].out_features == 3
+    assert create_model("my_models:fixed_head", num_classes=3)[-1].out_features == 5  # the model's own head
+    for name, needle in [("my_models:nothing", "no callable 'nothing'"), ("no_such_module:f", "cannot import"),
+                         ("my_models:not_a_model", "not a torch nn.Module"), ("my_models:broken", "no such width"),
+                         (":small", "expected SOURCE:NAME"), ("vgg7", "unknown model 'vgg7'")]:
+        with pytest.raises(UserError, match=needle) as e:
+            create_model(name)
+        assert "\n" not in str(e.value)
+
+
+def test_timm_is_optional(monkeypatch):
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install timm"):
+            create_model("timm:resnet18")
+        return
+    assert create_model("timm:resnet18", num_classes=4).get_classifier().out_features == 4
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
+    with pytest.raises(UserError, match="pip install timm"):
+        create_model("timm:resnet18")
+
+
+def test_imagenet_models_default_to_imagenet_normalization():
+    assert default_normalization("torchvision:mobilenet_v2") == "imagenet"
+    assert default_normalization("timm:efficientnet_b0") == "imagenet"
+    assert default_normalization("vgg16_bn") == "auto" and default_normalization("my_models:small") == "auto"
+
+
+def test_a_torchvision_imagenet_checkpoint_loads_however_it_is_wrapped(tmp_path):
+    """resnet18's ImageNet layout (7x7 stem, 1000 classes) used to fail against the CIFAR-stem resnet18."""
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    wrapped = {
+        "plain": state,
+        "ddp in a training checkpoint": {"epoch": 90, "model": {f"module.{k}": v for k, v in state.items()}},
+        "timm": {"state_dict": state, "state_dict_ema": {k: v + 1 for k, v in state.items()}, "epoch": 3},
+        "ema": {"ema": state, "optimizer": {"lr": torch.tensor(0.1)}},
+        "model_state": {"model_state": state},
+        "lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}},
+        "compiled under ddp": {f"module._orig_mod.{k}": v for k, v in state.items()},
+    }
+    for label, obj in wrapped.items():
+        path = tmp_path / f"{label}.pt"
+        torch.save(obj, path)
+        loaded = read_checkpoint(path, "torchvision:resnet18", 1000)
+        assert loaded.keys() == state.keys(), label
+        assert all(torch.equal(loaded[k], state[k]) for k in state), label
+    with pytest.raises(UserError, match=r"does not match torchvision:resnet18 with 10 classes.*fc\.weight") as e:
+        read_checkpoint(tmp_path / "plain.pt", "torchvision:resnet18", 10)
+    assert "\n" not in str(e.value)
+
+
+def test_a_prefix_the_model_itself_has_is_kept(tmp_path):
+    class Wrapper(nn.Module):  # every key of this model starts with "model."
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Linear(2, 2)
+
+    from toolchain.stages.baseline import _without_wrapper_prefixes
+
+    state = Wrapper().state_dict()
+    assert _without_wrapper_prefixes(dict(state), state).keys() == state.keys()
+    assert _without_wrapper_prefixes({f"module.{k}": v for k, v in state.items()}, state).keys() == state.keys()
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "my_models:small"])
+def test_a_pruned_model_rebuilds_from_its_name_in_a_fresh_process(name, user_module, tmp_path):
+    """What load_pruned_model reads (architecture.json with the model string, model.pt) is enough."""
+    torch.manual_seed(0)
+    dense = create_model(name, num_classes=10).eval()
+    example = torch.zeros(2, 3, 32, 32)
+    layers = find_prunable_layers(dense, example)
+    assert layers
+    kept = {layer.name: list(range(0, layer.channels, 2)) for layer in layers}
+    pruned, record = prune_model(dense, example, kept)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "architecture.json").write_text(json.dumps({"model": name, "num_classes": 10,
+                                                          "input_shape": [3, 32, 32], **record.to_json()}))
+    torch.save(pruned.state_dict(), bundle / "model.pt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = pruned.eval()(x)
+    code = ("import sys, torch; from toolchain.stages.bundle import load_pruned_model; "
+            "m = load_pruned_model(sys.argv[1]); torch.save(m(torch.load(sys.argv[2])).detach(), sys.argv[3])")
+    env_path = f"{ROOT}:{user_module}"
+    subprocess.run([sys.executable, "-c", code, str(bundle), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, cwd=tmp_path, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-5)

@@ -148,3 +148,13 @@ def test_a_pruned_model_rebuilds_from_its_name_in_a_fresh_process(name, user_mod
     subprocess.run([sys.executable, "-c", code, str(bundle), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                    check=True, cwd=tmp_path, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
     assert torch.allclose(torch.load(tmp_path / "y.pt"), expected, atol=1e-5)
+
+
+def test_the_half_width_vgg_has_half_the_channels_and_a_quarter_of_the_flops():
+    from toolchain.cost import count_flops_params
+
+    full, half = create_model("vgg11_bn"), create_model("vgg11_bn_half")
+    widths = [[m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)] for net in (full, half)]
+    assert widths[1] == [w // 2 for w in widths[0]] and half.classifier.in_features == 256
+    ratio = count_flops_params(half, (3, 32, 32))[0] / count_flops_params(full, (3, 32, 32))[0]
+    assert 0.25 <= ratio < 0.26  # every conv but the first (3 input channels) costs a quarter

@@ -2,7 +2,7 @@
 
 State-dict layout matches ../shared/models/vgg16_bn_cifar10.pt: ``features.*`` from
 ``torchvision.models.vgg.make_layers(cfgs[...], batch_norm=True)`` and ``classifier`` a
-``Linear(512, num_classes)``.
+``Linear(512, num_classes)``. ``vgg11_bn_half`` has half the channels of every conv.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from toolchain.models import MODELS
 
 
 class CifarVGG(nn.Module):
-    def __init__(self, cfg: str, num_classes: int = 10, batch_norm: bool = True):
+    def __init__(self, cfg: str, num_classes: int = 10, batch_norm: bool = True, width: float = 1.0):
         super().__init__()
-        self.features = make_layers(cfgs[cfg], batch_norm=batch_norm)
-        self.classifier = nn.Linear(512, num_classes)
+        layers = [v if v == "M" else max(1, round(v * width)) for v in cfgs[cfg]]
+        self.features = make_layers(layers, batch_norm=batch_norm)
+        self.classifier = nn.Linear(layers[-2], num_classes)
         for m in self.modules():  # torchvision's VGG init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -36,3 +37,5 @@ class CifarVGG(nn.Module):
 
 for _name, _cfg in (("vgg11_bn", "A"), ("vgg13_bn", "B"), ("vgg16_bn", "D"), ("vgg19_bn", "E")):
     MODELS.register(_name)(lambda num_classes=10, _cfg=_cfg: CifarVGG(_cfg, num_classes))
+# half the channels of every conv (a quarter of the FLOPs): the demo's model, small enough for minutes on a CPU
+MODELS.register("vgg11_bn_half")(lambda num_classes=10: CifarVGG("A", num_classes, width=0.5))

@@ -27,8 +27,8 @@ HELP = {
                      "split's own), cifar10 or imagenet mean/std",
     "train_subset": "use a class-balanced subset of this many training images",
     "test_subset": "use a class-balanced subset of this many test images",
-    "model": "a built-in name (vgg11_bn..vgg19_bn, vgg11_bn_half, resnet18, resnet34: CIFAR stems), torchvision:NAME, timm:NAME "
-             "or package.module:factory (a function returning an nn.Module)",
+    "model": "a built-in name (vgg11_bn..vgg19_bn, vgg11_bn_half, resnet18, resnet34: CIFAR stems), "
+             "torchvision:NAME, timm:NAME or package.module:factory (a function returning an nn.Module)",
     "checkpoint": "dense model weights (weights-only): a state dict, or a dict holding one under state_dict, "
                   "model, model_state, model_state_dict or ema; a 'module.' prefix is dropped. Without it the "
                   "baseline is trained first",

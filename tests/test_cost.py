@@ -19,7 +19,7 @@ def _model(name):
     return model, find_prunable_layers(model, torch.zeros(2, *SHAPE))
 
 
-@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18"])
+@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18", "torchvision:mobilenet_v2"])
 def test_the_model_equals_the_flop_counter_on_pruned_models(name):
     model, layers = _model(name)
     cost = CostModel.of(model, SHAPE, layers)

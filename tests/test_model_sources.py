@@ -158,3 +158,60 @@ def test_the_half_width_vgg_has_half_the_channels_and_a_quarter_of_the_flops():
     assert widths[1] == [w // 2 for w in widths[0]] and half.classifier.in_features == 256
     ratio = count_flops_params(half, (3, 32, 32))[0] / count_flops_params(full, (3, 32, 32))[0]
     assert 0.25 <= ratio < 0.26  # every conv but the first (3 input channels) costs a quarter
+
+
+def _digits_imagefolder(root: Path, classes: int = 3, train: int = 8, test: int = 4) -> None:
+    """A small ImageFolder tree of real images (scikit-learn's digits, offline), as a user would bring."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c in range(classes):
+        images = digits.images[digits.target == c][:train + test]
+        for i, img in enumerate(images):
+            split = "train" if i < train else "test"
+            folder = root / split / f"digit{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (img / 16.0 * 255).astype("uint8")
+            Image.fromarray(pixels).convert("RGB").resize((32, 32)).save(folder / f"{i}.png")
+
+
+def test_a_torchvision_mobilenet_on_an_imagefolder_gives_a_valid_bundle(tmp_path, capsys):
+    """End to end with a torchvision model: trained, ranked by the default criterion, pruned, fine-tuned,
+    exported (the ONNX parity check must pass or the run fails), quantized, benchmarked."""
+    from toolchain.cli import main
+    from toolchain.stages.bundle import load_pruned_model
+    from toolchain.util import sha256_file
+
+    _digits_imagefolder(tmp_path / "data")
+    out = tmp_path / "runs"
+    code = main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
+                 "--model", "torchvision:mobilenet_v2", "--image-size", "32", "--baseline-epochs", "1",
+                 "--finetune-epochs", "1", "--batch-size", "12",
+                 "--keep-ratio", "0.5", "--rank-samples", "12", "--compensation-samples", "12",
+                 "--bn-recalibration", "24", "--calibration-samples", "8", "--bench-runs", "5",
+                 "--bench-batch-sizes", "1", "--out", str(out), "--run-name", "mnv2", "--quiet",
+                 "--opset", "17"])  # the TorchScript exporter: the dynamo one takes 30 s on mobilenet_v2 here
+    assert code == 0, capsys.readouterr().err
+    bundle = out / "mnv2"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(bundle / rel) == digest, rel
+    assert manifest["config"]["model"] == "torchvision:mobilenet_v2"
+    assert manifest["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # ImageNet, as torchvision trains
+    arch = json.loads((bundle / "architecture.json").read_text())
+    assert arch["kept_counts"] and all(k < arch["channels"][n] for n, k in arch["kept_counts"].items())
+    model = load_pruned_model(bundle)
+    assert isinstance(model, torchvision.models.MobileNetV2)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_a_budget_over_channel_groups_is_refused_before_any_work(tmp_path, capsys):
+    """The allocator's cost model has one producer per layer; a residual stream has many writers."""
+    from toolchain.cli import main
+
+    code = main(["--dataset", "digits", "--model", "torchvision:resnet18", "--budget", "flops=0.4",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "--budget does not allocate over channel groups" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -2,11 +2,13 @@
 
 The budget allocator, the study's FLOPs matching and the figures a run reports all read this model,
 so "40% of the FLOPs" means one thing. Every cost is linear in the kept fractions: a conv or linear
-layer costs ``dense * out_frac * in_frac`` (its own kept fraction if it is prunable, its producer's
-if it consumes a prunable layer), a prunable layer's bias and BatchNorm ``dense * out_frac``, and
-the rest nothing or a constant. FLOPs are counted as ``torch.utils.flop_counter`` counts them (2 per
-multiply-accumulate of convs and linear layers); ``total`` equals ``count_flops_params`` of the
-pruned model (tests/test_cost.py checks it on pruned VGG and ResNet models).
+layer costs ``dense * out_frac * in_frac``, where ``out_frac`` is the kept fraction of the group whose
+channels it outputs (its own, or its group's for a member; 1 for other layers) and ``in_frac`` that
+of the group it consumes (1 for a fixed input; a depthwise conv follows its own channels only); a
+group's biases and BatchNorms cost ``dense * out_frac``, the rest nothing or a constant. FLOPs
+are counted as ``torch.utils.flop_counter`` counts them (2 per multiply-accumulate of convs and
+linear layers); ``total`` equals ``count_flops_params`` of the pruned model (tests/test_cost.py
+checks it on pruned VGG, ResNet and MobileNet models).
 
 A budget (``--budget flops=0.4``) is a fraction of the *prunable* layers' cost, ``budget_terms``:
 that is what the allocator can change. ``fraction`` is of the whole model's cost, as reported
@@ -46,13 +48,15 @@ class CostModel:
     @classmethod
     def of(cls, model: nn.Module, input_shape: Sequence[int], layers: Sequence[PrunableLayer]) -> CostModel:
         """The model of `model` (dense) at one image of `input_shape`, for the prunable `layers`."""
-        prunable = {layer.name: layer for layer in layers}
+        group = {conv: layer.name for layer in layers for conv in (layer.name, *layer.members)}
         producer = {c: layer.name for layer in layers for c in layer.consumers}
-        bn_of = {layer.bn_name: layer.name for layer in layers if layer.bn_name}
+        bn_of = {bn: layer.name for layer in layers for bn in (layer.bn_name, *layer.member_bns) if bn}
         flops = _module_flops(model, input_shape)
         terms: dict[str, list[Term]] = {kind: [] for kind in KINDS}
         for name, module in model.named_modules():
-            out, inp = (name if name in prunable else None), producer.get(name)
+            out, inp = group.get(name), producer.get(name)
+            if _is_depthwise(module):  # one filter per channel: its cost follows its own channels only
+                inp = None
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 if name in flops:
                     terms["flops"].append(Term(flops[name], out, inp))
@@ -92,6 +96,10 @@ class CostModel:
         (``ranking.cutoffs.layer_costs``, ``allocate_budget``), the part of ``terms`` a cut changes that
         belongs to the prunable layers themselves."""
         return layer_costs(list(self.layers), kind)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
 def count_flops_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:

@@ -82,9 +82,14 @@ def preflight(cfg: Config) -> Preflight:
     except RuntimeError as e:
         raise UserError(f"image_size {cfg.image_size} does not fit {cfg.model}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    names = {layer.name for layer in prune.find_prunable_layers(model, example)}
+    layers = prune.find_prunable_layers(model, example)
+    names = {layer.name for layer in layers}
     if not names:
         raise UserError(f"model {cfg.model} has no prunable convolution")
+    grouped = [layer.name for layer in layers if layer.members]
+    if cfg.budget and grouped:  # the allocator's cost model has one producer per layer (ranking.cutoffs)
+        raise UserError(f"--budget does not allocate over channel groups cut across several convs yet ({cfg.model}: "
+                        f"{len(grouped)} such groups, e.g. {grouped[0]}); use --keep-ratio or --keep")
     if cfg.keep:  # per-layer names must name prunable layers: check now, not after training
         unknown = sorted(set(cfg.keep) - names)
         if unknown:

@@ -22,7 +22,8 @@ from toolchain.registry import Registry
 
 @dataclass
 class PrunableLayer:
-    """A conv whose output channels can be removed without touching any other conv's outputs."""
+    """A conv whose output channels can be removed, with the other convs whose outputs are the same channels
+    (``members``); its name names the group."""
 
     name: str  # qualified module name of the conv, e.g. "features.0"
     conv: nn.Conv2d
@@ -31,6 +32,10 @@ class PrunableLayer:
     flops: float  # dense FLOPs of this conv at the model's input size (2 * MACs)
     out_hw: tuple[int, int]  # spatial size of the conv output
     consumers: list[str] = field(default_factory=list)  # modules whose inputs shrink with it
+    # other convs whose outputs are the same channels, cut with it: a depthwise conv it feeds, or convs whose
+    # outputs are added to its own (a residual stream); `member_bns` their BatchNorms
+    members: list[str] = field(default_factory=list)
+    member_bns: list[str] = field(default_factory=list)
     # post-BN activation applied when capturing feature maps (ReLU for VGG/ResNet)
     activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu
 

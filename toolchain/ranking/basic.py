@@ -13,10 +13,34 @@ def _ranking_from_scores(scores: torch.Tensor) -> LayerRanking:
     return LayerRanking(order=order.tolist(), scores=scores.double().tolist())
 
 
+def _group_sum(ctx: RankContext, layer, own: torch.Tensor, per_member) -> torch.Tensor:
+    """A group's score per channel: its layer's, plus each member's (``per_member(module)``) where it has one
+    per channel. Summed, as Torch-Pruning's group importance does: a channel of a residual stream or of an
+    expand/depthwise pair is worth what all the convs that write it are worth together."""
+    if not layer.members and not getattr(layer, "member_bns", None):
+        return own
+    modules = dict(ctx.model.named_modules())
+    total = own.double().clone()
+    for name in (*layer.members, *layer.member_bns):
+        score = per_member(modules[name])
+        if score is not None and score.numel() == total.numel():
+            total += score.double().to(total.device)
+    return total
+
+
+def _filter_l1(module) -> torch.Tensor | None:
+    return module.weight.detach().abs().flatten(1).sum(1) if isinstance(module, torch.nn.Conv2d) else None
+
+
+def _bn_gamma(module) -> torch.Tensor | None:
+    is_bn = isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.affine
+    return module.weight.detach().abs() if is_bn else None
+
+
 @CRITERIA.register("l1")
 def l1_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
-    """L1 norm of each output filter (Li et al., 2017)."""
-    return {layer.name: _ranking_from_scores(layer.conv.weight.detach().abs().flatten(1).sum(1).cpu())
+    """L1 norm of each output filter (Li et al., 2017); a group's: the sum over the convs that output it."""
+    return {layer.name: _ranking_from_scores(_group_sum(ctx, layer, _filter_l1(layer.conv), _filter_l1).cpu())
             for layer in ctx.layers}
 
 
@@ -30,14 +54,15 @@ def random_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
 
 @CRITERIA.register("bn-scale")
 def bn_scale_criterion(ctx: RankContext) -> dict[str, LayerRanking]:
-    """|gamma| of the BatchNorm after each conv (Network Slimming, Liu et al., 2017)."""
+    """|gamma| of the BatchNorm after each conv (Network Slimming, Liu et al., 2017); a group's: the sum over
+    its BatchNorms."""
     modules = dict(ctx.model.named_modules())
     out = {}
     for layer in ctx.layers:
         if layer.bn_name is None:
-            scores = layer.conv.weight.detach().abs().flatten(1).sum(1)
+            scores = _group_sum(ctx, layer, _filter_l1(layer.conv), _filter_l1)
         else:
-            scores = modules[layer.bn_name].weight.detach().abs()
+            scores = _group_sum(ctx, layer, modules[layer.bn_name].weight.detach().abs(), _bn_gamma)
         out[layer.name] = _ranking_from_scores(scores.cpu())
     return out
 

@@ -1,8 +1,12 @@
 """Prune stage (how to prune): find prunable convs and remove channels for real.
 
-Torch-Pruning's dependency graph decides which layers change together. A conv is prunable
-here when its output-channel group touches only its own BatchNorm and the inputs of the
-layers that consume it (not another conv's outputs, as a residual add would).
+Torch-Pruning's dependency graph decides which layers change together. A conv's output channels
+are prunable here with everything that outputs the same channels: its BatchNorm, a depthwise
+conv it feeds (MobileNet, EfficientNet) and the convs whose outputs are added to it (a ResNet's
+residual stream: the stem or a downsample with the last conv of every block); the group is
+named after its first conv in execution order and cut as one. The consumers' matching inputs
+go with it. Not prunable: channels a linear layer outputs (the classifier) or that a member
+numbers differently (a concatenation).
 
 Plain removal is the default: the channel, its BN entries and the consumers' matching inputs
 go, nothing else changes. The reference for a cut is the dense model, and the compensation
@@ -109,31 +113,57 @@ def find_prunable_layers(model: nn.Module, example: torch.Tensor,
             m.training = training
     modules = dict(model.named_modules())
     layers = []
+    cut: set[str] = set()  # convs already cut as members of an earlier group
     for name in order:  # execution order
         conv = modules[name]
-        if conv.groups != 1:
+        if conv.groups != 1 or name in cut:
             continue
-        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
-        bn_name, consumers, coupled = None, [], False
-        for dep, _ in group.items:
-            target = dep.target.module
-            if target is conv or not isinstance(target, nn.Module):
-                continue
-            if graph.is_out_channel_pruning_fn(dep.handler):
-                if isinstance(target, nn.modules.batchnorm._BatchNorm):
-                    bn_name = bn_name or names[target]
-                elif isinstance(target, (nn.Conv2d, nn.Linear)):
-                    coupled = True
-            elif graph.is_in_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear)):
-                consumers.append(names[target])
-        if coupled or not consumers:
+        group = _channel_group(graph, conv, names)
+        if group is None:
             continue
+        bn_name, consumers, members, member_bns = group
+        cut.update(members)
         ho, wo = shapes[name]
         kh, kw = conv.kernel_size
         flops = 2.0 * conv.out_channels * ho * wo * conv.in_channels * kh * kw
         layers.append(PrunableLayer(name=name, conv=conv, bn_name=bn_name, channels=conv.out_channels,
-                                    flops=flops, out_hw=(ho, wo), consumers=consumers))
+                                    flops=flops, out_hw=(ho, wo), consumers=consumers, members=members,
+                                    member_bns=member_bns))
     return layers
+
+
+def _channel_group(graph: tp.DependencyGraph, conv: nn.Conv2d, names: dict[nn.Module, str]
+                   ) -> tuple[str | None, list[str], list[str], list[str]] | None:
+    """(its BN, consumers, members, members' BNs) of the channels `conv` outputs, or None when they cannot be
+    cut here: a linear layer's outputs are among them (the classifier), a member numbers them differently
+    (a concatenation), or nothing consumes them."""
+    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
+    bns, consumers, members = [], [], []
+    for dep, _ in group.items:
+        target = dep.target.module
+        if target is conv or not isinstance(target, nn.Module):
+            continue
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            if isinstance(target, nn.modules.batchnorm._BatchNorm):
+                bns.append(target)
+            elif isinstance(target, nn.Conv2d) and target.out_channels == conv.out_channels:
+                members.append(names[target])  # a depthwise conv it feeds, or a conv added to it
+            elif isinstance(target, (nn.Conv2d, nn.Linear)):
+                return None
+        elif graph.is_in_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear)):
+            consumers.append(names[target])
+    if not consumers:
+        return None
+    # its own BN is the one its output feeds (the first found when the graph does not say)
+    own = next((bn for bn in bns if any(n.module is conv for n in graph.module2node[bn].inputs)), None)
+    own = own or (bns[0] if bns else None)
+    return (names[own] if own is not None else None, consumers, members,
+            [names[bn] for bn in bns if bn is not own])
+
+
+def group_owners(layers: list[PrunableLayer]) -> dict[str, str]:
+    """Every conv whose outputs a layer's cut removes (the layer itself and its members) -> the layer's name."""
+    return {conv: layer.name for layer in layers for conv in (layer.name, *layer.members)}
 
 
 def resolve_keep_counts(layers: list[PrunableLayer], rankings: dict[str, LayerRanking], *, keep_ratio: float,
@@ -165,27 +195,31 @@ def kept_indices(rankings: dict[str, LayerRanking], counts: dict[str, int]) -> d
     return {name: sorted(int(i) for i in rankings[name].order[:k]) for name, k in counts.items()}
 
 
-def mask_model(model: nn.Module, kept: dict[str, list[int]]) -> nn.Module:
-    """A copy of the dense model with every removed filter's weights and bias set to zero."""
+def mask_model(model: nn.Module, kept: dict[str, list[int]], members: dict[str, list[str]] | None = None
+               ) -> nn.Module:
+    """A copy of the dense model with every removed filter's weights and bias set to zero: the layer's own and
+    those of its `members` (``PrunableLayer.members`` by layer name), which output the same channels."""
     masked = copy.deepcopy(model)
     modules = dict(masked.named_modules())
     with torch.no_grad():
         for name, keep in kept.items():
-            conv = modules[name]
-            drop = sorted(set(range(conv.out_channels)) - set(keep))
-            conv.weight[drop] = 0
-            if conv.bias is not None:
-                conv.bias[drop] = 0
+            for conv in (modules[m] for m in (name, *(members or {}).get(name, ()))):
+                drop = sorted(set(range(conv.out_channels)) - set(keep))
+                conv.weight[drop] = 0
+                if conv.bias is not None:
+                    conv.bias[drop] = 0
     return masked
 
 
 def consumer_outputs(layers: list[PrunableLayer], kept: dict[str, list[int]]) -> dict[str, list[int] | None]:
     """Consumers whose inputs shrink -> the dense output channels they keep (None: all)."""
+    owner = group_owners(layers)
     out: dict[str, list[int] | None] = {}
     for layer in layers:
         if layer.name in kept and len(kept[layer.name]) < layer.channels:
-            for consumer in layer.consumers:
-                out[consumer] = sorted(kept[consumer]) if consumer in kept else None
+            for consumer in layer.consumers:  # a consumer may itself be cut as a member of another group
+                group = owner.get(consumer)
+                out[consumer] = sorted(kept[group]) if group in kept else None
     return out
 
 
@@ -214,11 +248,14 @@ def prune_model(model: nn.Module, example: torch.Tensor, kept: dict[str, list[in
         group = graph.get_pruning_group(layers[name].conv, tp.prune_conv_out_channels, idxs=drop)
         for dep, idxs in group.items:
             target = dep.target.module
-            if graph.is_in_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear)):
+            if (graph.is_in_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear))
+                    and names[target] not in layers[name].members):  # a depthwise member is cut, not refed
                 consumer_inputs.setdefault(names[target], []).extend(_plain(idxs))
         groups.append(group)
 
-    corrections = _fold_corrections(model, example, kept, consumer_inputs) if fold else {}
+    members = {n: layers[n].members for n in kept}
+    corrections = _fold_corrections(model, example, kept, consumer_inputs, members) if fold else {}
+    owner = group_owners(list(layers.values()))
     for group in groups:
         group.prune()
 
@@ -227,7 +264,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, kept: dict[str, list[in
     modules = dict(model.named_modules())
     for cname, (bias, border) in corrections.items():
         consumer = modules[cname]
-        out_keep = torch.tensor(kept.get(cname, range(bias.numel())), dtype=torch.long)
+        out_keep = torch.tensor(kept.get(owner.get(cname, cname), range(bias.numel())), dtype=torch.long)
         bias = bias[out_keep].to(consumer.weight.dtype)
         with torch.no_grad():
             if consumer.bias is None:
@@ -248,9 +285,10 @@ def _attach_border(conv: nn.Module, border: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _fold_corrections(model: nn.Module, example: torch.Tensor, kept: dict[str, list[int]],
-                      consumer_inputs: dict[str, list[int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+                      consumer_inputs: dict[str, list[int]], members: dict[str, list[str]]
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Per consumer: (bias increment for all its outputs, border map or None)."""
-    masked = mask_model(model, kept).eval()
+    masked = mask_model(model, kept, members).eval()
     modules = dict(masked.named_modules())
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[c].register_forward_pre_hook(lambda m, args, c=c: captured.__setitem__(c, args[0].detach()))

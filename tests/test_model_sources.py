@@ -206,12 +206,39 @@ def test_a_torchvision_mobilenet_on_an_imagefolder_gives_a_valid_bundle(tmp_path
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
-def test_a_budget_over_channel_groups_is_refused_before_any_work(tmp_path, capsys):
-    """The allocator's cost model has one producer per layer; a residual stream has many writers."""
+def test_cmis_own_budget_over_channel_groups_is_refused_before_any_work(tmp_path, capsys):
+    """Its allocation reads the CMI curves with one producer per layer; a residual stream has many writers
+    (the pipeline's --budget counts them)."""
     from toolchain.cli import main
 
-    code = main(["--dataset", "digits", "--model", "torchvision:resnet18", "--budget", "flops=0.4",
+    config = tmp_path / "run.yaml"
+    config.write_text("criterion: cmi\ncriterion_options:\n  budget: flops=0.4\n")
+    code = main(["--dataset", "digits", "--model", "torchvision:resnet18", "--config", str(config),
                  "--out", str(tmp_path / "out"), "--quiet"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(err) == 1 and "--budget does not allocate over channel groups" in err[0], err
+    assert code == 2 and len(err) == 1 and "does not allocate over channel groups" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_counts_every_conv_of_a_group():
+    """The allocator's cost is the cost model's over the groups' convs, members included, and meets the budget."""
+    from toolchain.allocation import allocate
+    from toolchain.cost import CostModel
+    from toolchain.ranking.cutoffs import parse_budget
+
+    model = create_model("torchvision:resnet18", num_classes=10).eval()
+    layers = find_prunable_layers(model, torch.zeros(2, 3, 32, 32))
+    cost = CostModel.of(model, (3, 32, 32), layers)
+    gen = torch.Generator().manual_seed(0)
+    sensitivity = {layer.name: [[f, float(torch.rand(1, generator=gen)) * (1 - f)] for f in (1.0, 0.5, 0.25, 0.1)]
+                   for layer in layers}
+    with pytest.raises(ValueError, match="member"):
+        allocate(layers, sensitivity, parse_budget("flops=0.4"))
+    counts, info = allocate(layers, sensitivity, parse_budget("flops=0.4"), members=cost.member_terms("flops"))
+    group_modules = {m for layer in layers for m in (layer.name, *layer.members)}
+    frac = {layer.name: counts[layer.name] / layer.channels for layer in layers}
+    terms = [t for t in cost.terms["flops"] if t.module in group_modules]
+    kept = sum(t.dense * frac.get(t.out, 1.0) * frac.get(t.inp, 1.0) for t in terms)
+    assert info["cost"] == pytest.approx(kept / sum(t.dense for t in terms), rel=1e-9)
+    assert 0.39 < info["cost"] <= 0.4 + 1e-9
+    assert cost.fraction("flops", counts) < 0.45  # the whole model: the classifier and stem input are fixed

@@ -37,7 +37,7 @@ from torch import nn
 
 from toolchain.cost import CostModel
 from toolchain.ranking.base import LayerRanking, PrunableLayer
-from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs
+from toolchain.ranking.cutoffs import Budget, Extra, allocate_budget, budget_cost, layer_costs
 from toolchain.util import atomic_write_json
 
 SENSITIVITY_FRACTIONS = (0.75, 0.5, 0.25, 0.1)  # kept fractions probed per layer
@@ -106,16 +106,21 @@ def sensitivity_curve(points: Sequence[Sequence[float]], channels: int) -> np.nd
 
 
 def allocate(layers: Sequence[PrunableLayer], sensitivity: dict[str, list[list[float]]], budget: Budget, *,
-             round_to: int = 1, min_keep: int | None = None) -> tuple[dict[str, int], dict[str, Any]]:
-    """Keep counts meeting ``budget`` from measured sensitivities (module docstring)."""
+             round_to: int = 1, min_keep: int | None = None, members: Sequence[Extra] = ()
+             ) -> tuple[dict[str, int], dict[str, Any]]:
+    """Keep counts meeting ``budget`` from measured sensitivities (module docstring); ``members``: the costs
+    of the groups' other convs (``CostModel.member_terms``), needed when any layer has members."""
+    if any(layer.members for layer in layers) and not members:
+        raise ValueError("allocate: the layers have group members; pass their costs (CostModel.member_terms)")
     channels = [layer.channels for layer in layers]
     curves = [sensitivity_curve(sensitivity[layer.name], layer.channels) for layer in layers]
     coupled, out_only, producer = layer_costs(list(layers), budget.kind)
     step = max(1, int(round_to))
     floor = min_keep if min_keep is not None else step
-    keep = allocate_budget(curves, channels, coupled, out_only, producer, budget.fraction, min_keep=floor, step=step)
+    keep = allocate_budget(curves, channels, coupled, out_only, producer, budget.fraction, min_keep=floor, step=step,
+                           extra=members)
     counts = {layer.name: int(k) for layer, k in zip(layers, keep)}
-    info = {"budget": str(budget), "cost": budget_cost(keep, channels, coupled, out_only, producer),
+    info = {"budget": str(budget), "cost": budget_cost(keep, channels, coupled, out_only, producer, members),
             "predicted_damage": float(sum(c[k] for c, k in zip(curves, keep))), "round_to": step}
     return counts, info
 
@@ -135,9 +140,10 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
                                  compensation=compensation, seed=seed)
         if cache is not None:
             atomic_write_json(cache, sens)
-    counts, info = allocate(layers, sens, budget, round_to=round_to)
-    # the budget is over the prunable layers' cost; the whole model's (as reported) from the same cost model
-    model_cost = CostModel.of(dense, tuple(example.shape[1:]), layers).fraction(budget.kind, counts)
+    cost = CostModel.of(dense, tuple(example.shape[1:]), layers)
+    counts, info = allocate(layers, sens, budget, round_to=round_to, members=cost.member_terms(budget.kind))
+    # the budget is over the prunable groups' cost; the whole model's (as reported) from the same cost model
+    model_cost = cost.fraction(budget.kind, counts)
     info.update(model_cost=model_cost, sensitivity=sens, sensitivity_cached=cached,
                 seconds=round(time.perf_counter() - t0, 2))
     return counts, info

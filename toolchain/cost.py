@@ -10,8 +10,8 @@ are counted as ``torch.utils.flop_counter`` counts them (2 per multiply-accumula
 linear layers); ``total`` equals ``count_flops_params`` of the pruned model (tests/test_cost.py
 checks it on pruned VGG, ResNet and MobileNet models).
 
-A budget (``--budget flops=0.4``) is a fraction of the *prunable* layers' cost, ``budget_terms``:
-that is what the allocator can change. ``fraction`` is of the whole model's cost, as reported
+A budget (``--budget flops=0.4``) is a fraction of the *prunable* groups' cost, ``budget_terms`` and
+``member_terms``: that is what the allocator can change. ``fraction`` is of the whole model's cost, as reported
 (``flops_ratio``); on VGG16 the two differ by the classifier's share, under 0.01%.
 """
 
@@ -37,6 +37,7 @@ class Term:
     dense: float
     out: str | None = None  # None: does not scale with an output fraction
     inp: str | None = None  # None: does not scale with an input fraction
+    module: str = ""  # the module it is the cost of ("": what the flop counter counts beyond modules)
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,16 @@ class CostModel:
                 inp = None
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 if name in flops:
-                    terms["flops"].append(Term(flops[name], out, inp))
-                terms["params"].append(Term(float(module.weight.numel()), out, inp))
+                    terms["flops"].append(Term(flops[name], out, inp, name))
+                terms["params"].append(Term(float(module.weight.numel()), out, inp, name))
                 if module.bias is not None:
-                    terms["params"].append(Term(float(module.bias.numel()), out))
+                    terms["params"].append(Term(float(module.bias.numel()), out, None, name))
             elif name in bn_of:  # the BN of a prunable conv shrinks with it
-                terms["params"] += [Term(float(p.numel()), bn_of[name]) for p in module.parameters(recurse=False)]
+                terms["params"] += [Term(float(p.numel()), bn_of[name], None, name)
+                                    for p in module.parameters(recurse=False)]
             else:
-                terms["params"] += [Term(float(p.numel())) for p in module.parameters(recurse=False)]
-        terms["channels"] = [Term(float(layer.channels), layer.name) for layer in layers]
+                terms["params"] += [Term(float(p.numel()), None, None, name) for p in module.parameters(recurse=False)]
+        terms["channels"] = [Term(float(layer.channels), layer.name, None, layer.name) for layer in layers]
         flops_total, params_total = count_flops_params(model, input_shape)
         # what the flop counter counts beyond convs and linears (other matmuls) stays as a constant
         rest = flops_total - sum(t.dense for t in terms["flops"])
@@ -94,8 +96,15 @@ class CostModel:
     def budget_terms(self, kind: str) -> tuple[list[float], list[float], list[int | None]]:
         """``(coupled, out_only, producer)`` per prunable layer: the allocator's linear model
         (``ranking.cutoffs.layer_costs``, ``allocate_budget``), the part of ``terms`` a cut changes that
-        belongs to the prunable layers themselves."""
+        belongs to the prunable layers' first convs and their BatchNorms; ``member_terms`` is the rest."""
         return layer_costs(list(self.layers), kind)
+
+    def member_terms(self, kind: str) -> list[tuple[float, int | None, int | None]]:
+        """``(dense, out layer index, input layer index)`` of the groups' other members (their convs and
+        BatchNorms): what a budget counts beyond ``budget_terms`` (``allocate_budget``'s ``extra``)."""
+        index = {layer.name: i for i, layer in enumerate(self.layers)}
+        members = {m for layer in self.layers for m in (*layer.members, *layer.member_bns)}
+        return [(t.dense, index.get(t.out), index.get(t.inp)) for t in self.terms[kind] if t.module in members]
 
 
 def _is_depthwise(module: nn.Module) -> bool:

@@ -87,9 +87,9 @@ def preflight(cfg: Config) -> Preflight:
     if not names:
         raise UserError(f"model {cfg.model} has no prunable convolution")
     grouped = [layer.name for layer in layers if layer.members]
-    if cfg.budget and grouped:  # the allocator's cost model has one producer per layer (ranking.cutoffs)
-        raise UserError(f"--budget does not allocate over channel groups cut across several convs yet ({cfg.model}: "
-                        f"{len(grouped)} such groups, e.g. {grouped[0]}); use --keep-ratio or --keep")
+    if cfg.criterion_options.get("budget") and grouped:  # cmi's own budget: one producer per layer (cmi.py)
+        raise UserError(f"the cmi option budget does not allocate over channel groups cut across several convs "
+                        f"({cfg.model}: {len(grouped)} such groups, e.g. {grouped[0]}); use --budget")
     if cfg.keep:  # per-layer names must name prunable layers: check now, not after training
         unknown = sorted(set(cfg.keep) - names)
         if unknown:

@@ -186,6 +186,9 @@ class _Engine:
 
     def budget_counts(self, results: Sequence[CMIRanking]) -> list[int]:
         layers = self.ctx.layers
+        if any(layer.members for layer in layers):  # its curves have no cost model for the groups' other convs
+            raise UserError("the cmi option budget does not allocate over channel groups cut across several convs; "
+                            "use --budget")
         coupled, out_only, producer = layer_costs(layers, self.opts.budget.kind)
         curves = [full_curve(r.cmi_total, r.cmi) for r in results]
         return allocate_budget(curves, [layer.channels for layer in layers], coupled, out_only, producer,

@@ -272,6 +272,9 @@ def parse_budget(text: str | Budget | None) -> Budget | None:
     return Budget(m.group(1), fraction)
 
 
+Extra = tuple[float, int | None, int | None]  # (dense cost, out layer, input layer): see allocate_budget
+
+
 def layer_costs(layers, kind: str) -> tuple[list[float], list[float], list[int | None]]:
     """Cost model of prunable layers (``PrunableLayer`` list in network order) for a budget.
 
@@ -287,8 +290,6 @@ def layer_costs(layers, kind: str) -> tuple[list[float], list[float], list[int |
     """
     if kind not in ("flops", "params", "channels"):
         raise ValueError(f"unknown budget kind {kind!r}")
-    if any(getattr(layer, "members", None) for layer in layers):
-        raise ValueError("layer_costs: channel groups cut across several convs have no cost model here yet")
     names = {layer.name: i for i, layer in enumerate(layers)}
     has_consumers = any(layer.consumers for layer in layers)
     producer: list[int | None] = [None] * len(layers)
@@ -318,7 +319,7 @@ def layer_costs(layers, kind: str) -> tuple[list[float], list[float], list[int |
 
 def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], coupled: Sequence[float],
                     out_only: Sequence[float], producer: Sequence[int | None], fraction: float,
-                    min_keep: int = 1, step: int = 1) -> list[int]:
+                    min_keep: int = 1, step: int = 1, extra: Sequence[Extra] = ()) -> list[int]:
     """Keep counts for all layers together so the total cost is at most ``fraction`` of dense.
 
     Greedy: start from every channel kept; repeatedly drop the last kept channel (in greedy
@@ -327,7 +328,9 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
     shrink), ties to the larger saving, then to the lower layer index, until the budget is
     met. ``curves[i]`` follows the module's convention (length ``C_i + 1``). With ``step`` > 1
     channels go ``step`` at a time and counts stay multiples of ``step`` (a layer with fewer
-    channels than ``step`` is left whole); ``min_keep`` is the floor per layer.
+    channels than ``step`` is left whole); ``min_keep`` is the floor per layer. ``extra``: further costs
+    ``(dense, out, inp)`` scaling with the kept fractions of layers ``out`` and ``inp`` (None: 1), such
+    as the other convs of a channel group (``CostModel.member_terms``).
     """
     n = len(channels)
     if not (len(curves) == len(coupled) == len(out_only) == len(producer) == n):
@@ -360,8 +363,22 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
         out = keep[i] / channels[i]
         return coupled[i] * out * in_frac(i) + out_only[i] * out
 
-    dense = sum(coupled) + sum(out_only)
-    total = sum(cost(i) for i in range(n))
+    def frac(i: int | None) -> float:
+        return 1.0 if i is None else keep[i] / channels[i]
+
+    def extra_total() -> float:
+        return sum(d * frac(o) * frac(p) for d, o, p in extra)
+
+    def extra_saving(i: int, m: int) -> float:  # what dropping m channels of layer i saves of the extra costs
+        after = (keep[i] - m) / channels[i]
+
+        def f(j: int | None) -> float:
+            return after if j == i else frac(j)
+
+        return sum(d * (frac(o) * frac(p) - f(o) * f(p)) for d, o, p in extra if i in (o, p))
+
+    dense = sum(coupled) + sum(out_only) + sum(d for d, _, _ in extra)
+    total = sum(cost(i) for i in range(n)) + extra_total()
     target = fraction * dense * (1 + 1e-12)
     while total > target:
         best, best_key = None, None
@@ -371,6 +388,7 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
                 continue
             saving = m * (coupled[i] * in_frac(i) + out_only[i]) / channels[i]
             saving += m * sum(coupled[j] * (keep[j] / channels[j]) / channels[i] for j in consumers[i])
+            saving += extra_saving(i, m) if extra else 0.0
             if saving <= 0:
                 continue
             gain = cs[i][keep[i] - m] - cs[i][keep[i]]
@@ -383,12 +401,12 @@ def allocate_budget(curves: Sequence[Sequence[float]], channels: Sequence[int], 
             raise UserError(f"budget {fraction:g} cannot be met with at least {min_keep} channel(s) per layer "
                             f"and no layer cut below what its sensitivity curve covers")
         keep[best] -= drop(best)
-        total = sum(cost(i) for i in range(n))
+        total = sum(cost(i) for i in range(n)) + extra_total()
     return keep
 
 
 def budget_cost(keep: Sequence[int], channels: Sequence[int], coupled: Sequence[float],
-                out_only: Sequence[float], producer: Sequence[int | None]) -> float:
+                out_only: Sequence[float], producer: Sequence[int | None], extra: Sequence[Extra] = ()) -> float:
     """Kept fraction of the dense cost for keep counts (same model as ``allocate_budget``)."""
     total = 0.0
     for i in range(len(keep)):
@@ -396,4 +414,9 @@ def budget_cost(keep: Sequence[int], channels: Sequence[int], coupled: Sequence[
         inf = 1.0 if p is None else keep[p] / channels[p]
         out = keep[i] / channels[i]
         total += coupled[i] * out * inf + out_only[i] * out
-    return total / (sum(coupled) + sum(out_only))
+
+    def frac(i: int | None) -> float:
+        return 1.0 if i is None else keep[i] / channels[i]
+
+    total += sum(d * frac(o) * frac(p) for d, o, p in extra)
+    return total / (sum(coupled) + sum(out_only) + sum(d for d, _, _ in extra))

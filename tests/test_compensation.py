@@ -91,6 +91,37 @@ def test_refit_reduces_held_out_error_in_network_order_and_a_wrong_target_fails(
     assert bad > plain, (bad, plain)
 
 
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
+def test_refit_of_channel_groups_lowers_every_consumers_error_and_the_logits_error(name):
+    """Residual streams and expand/depthwise groups: every conv reading a cut group is refitted (a conv that is
+    itself a group member keeps that group's channels), and the network gets closer to the dense one."""
+    from toolchain.models import create_model
+
+    torch.manual_seed(0)
+    dense = create_model(name, num_classes=10).eval()
+    for m in dense.modules():  # trained-looking statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    example = torch.zeros(2, 3, 16, 16)
+    layers = find_prunable_layers(dense, example)
+    assert any(layer.members for layer in layers)
+    g = torch.Generator().manual_seed(3)
+    kept = {layer.name: sorted(torch.randperm(layer.channels, generator=g)[: (3 * layer.channels) // 4].tolist())
+            for layer in layers}
+    pruned, _ = prune_model(dense, example, kept)
+    images, test = torch.randn(48, 3, 16, 16), torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        before = float(((pruned(test) - dense(test)) ** 2).mean())
+        report = compensate(pruned, dense, images, consumer_outputs(layers, kept))
+        after = float(((pruned(test) - dense(test)) ** 2).mean())
+    readers = {c for layer in layers for c in layer.consumers}
+    assert set(report.consumers) == readers
+    for info in report.consumers.values():
+        assert info["error_after"] <= info["error_before"] + 1e-9
+    assert after < before, (after, before)
+
+
 def test_refit_adds_a_bias_where_the_consumer_had_none():
     dense = _trained_looking(2)
     with torch.no_grad():

@@ -356,7 +356,7 @@ def test_a_model_with_nothing_to_prune_is_refused_before_training(tmp_path, caps
             return self.fc(torch.flatten(x, 1))
 
     monkeypatch.setitem(MODELS._items, "linear_only", LinearOnly)
-    args = [a for a in TINY if a != "vgg11_bn"]
-    args[args.index("--model") + 1:args.index("--model") + 1] = ["linear_only"]
+    at = TINY.index("--model") + 1
+    args = [*TINY[:at], "linear_only", *TINY[at + 1:]]
     _refused(capsys, [*args, "--out", str(tmp_path / "out")], "has no prunable convolution")
     assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ from toolchain.util import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["--dataset", "digits", "--model", "vgg11_bn", "--train-subset", "300", "--test-subset", "100",
+TINY = ["--dataset", "digits", "--model", "vgg11_bn_half", "--train-subset", "300", "--test-subset", "100",
         "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "64", "--rank-samples", "64",
         "--bn-recalibration", "128", "--bench-runs", "20", "--bench-batch-sizes", "1", "--calibration-samples", "64",
         "--quiet"]

@@ -28,7 +28,7 @@ WORKER = textwrap.dedent('''
     workdir = Path(sys.argv[1])
     data = load_dataset("digits", None, cache_dir=workdir / f"cache-{rank}", train_subset=96, test_subset=32)
     torch.manual_seed(1234 + rank)  # different initial weights per rank: DDP must broadcast rank 0's
-    model = create_model("vgg11_bn", num_classes=10)
+    model = create_model("vgg11_bn_half", num_classes=10)
     shard = DeviceLoader(data.train, data, 16, device, shuffle=True, seed=0, rank=rank, world=world)
     first_labels = next(iter(shard))[1].tolist()
     recipe = Recipe(epochs=1, lr=0.05, amp="off")

@@ -6,7 +6,7 @@ from toolchain.cli import main
 from toolchain.config import build_config
 from toolchain.sweep import parse_axes, variant_configs
 
-TINY = ["--dataset", "digits", "--model", "vgg11_bn", "--train-subset", "200", "--test-subset", "100",
+TINY = ["--dataset", "digits", "--model", "vgg11_bn_half", "--train-subset", "200", "--test-subset", "100",
         "--baseline-epochs", "1", "--finetune-epochs", "0", "--batch-size", "64", "--rank-samples", "50",
         "--bn-recalibration", "100", "--bench-runs", "5", "--bench-batch-sizes", "1", "--calibration-samples", "32",
         "--quiet"]

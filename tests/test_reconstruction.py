@@ -61,6 +61,41 @@ def test_criterion_ranks_every_layer_of_a_network():
         assert r.info["residual"][-1] < 1e-2 and r.info["residual"][0] <= 1.0 + 1e-9
 
 
+def _small_resnet() -> torch.nn.Module:
+    """torchvision's BasicBlock at small widths: a stem stream with two blocks, then a downsampled stream."""
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock
+
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         BasicBlock(8, 8), BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=down),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+
+def test_criterion_ranks_channel_groups_by_their_consumers():
+    """Residual streams (several consumers, 3x3 and 1x1) and expand/depthwise groups (the project conv reads
+    them): every group gets a full order fitted on its consumers, none falls back to filter norms."""
+    from torch import nn
+
+    load_criteria()
+    torch.manual_seed(0)
+    expand_depthwise = nn.Sequential(  # a MobileNet block: expand, depthwise, project
+        nn.Conv2d(3, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU6(),
+        nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12), nn.ReLU6(),
+        nn.Conv2d(12, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    for model in (_small_resnet().eval(), expand_depthwise.eval()):
+        layers = find_prunable_layers(model, torch.zeros(2, 3, 16, 16))
+        assert any(layer.members for layer in layers)
+        ctx = RankContext(model=model, layers=layers, images=torch.randn(16, 3, 16, 16),
+                          labels=torch.arange(16) % 3, num_classes=3, device=torch.device("cpu"))
+        rankings = CRITERIA.get("recon")(ctx)
+        for layer in layers:
+            r = rankings[layer.name]
+            assert sorted(r.order) == list(range(layer.channels)), layer.name
+            assert "fallback" not in r.info and 0.0 <= r.info["residual"][0] <= 1.0 + 1e-9, layer.name
+
+
 def test_loss_weights_change_the_order_and_bad_options_are_refused():
     import pytest
 

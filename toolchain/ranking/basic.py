@@ -17,7 +17,7 @@ def _group_sum(ctx: RankContext, layer, own: torch.Tensor, per_member) -> torch.
     """A group's score per channel: its layer's, plus each member's (``per_member(module)``) where it has one
     per channel. Summed, as Torch-Pruning's group importance does: a channel of a residual stream or of an
     expand/depthwise pair is worth what all the convs that write it are worth together."""
-    if not layer.members and not getattr(layer, "member_bns", None):
+    if not layer.members and not layer.member_bns:
         return own
     modules = dict(ctx.model.named_modules())
     total = own.double().clone()

@@ -315,6 +315,11 @@ def _make(data: dict[str, Any], origin: str) -> TargetProfile:
     return profile
 
 
+def profile_from_dict(data: dict[str, Any]) -> TargetProfile:
+    """The profile ``TargetProfile.to_dict`` wrote (a stage key holds it whole)."""
+    return _make({k: v for k, v in data.items() if k != "origin"}, str(data.get("origin") or data.get("name")))
+
+
 @functools.cache
 def _builtin(name: str) -> TargetProfile:
     data, origin = _builtin_raw()[name]

@@ -58,7 +58,8 @@ def _message(fn, *args, **kwargs) -> str:
     (CMIOptions, "cmi", {"permutations": 2.5}, ["cmi option permutations must be an integer >= 1, got 2.5"]),
     (MIPPOptions, "mipp", {"at_init": "yes"}, ["mipp option at_init must be true or false, got 'yes'"]),
     (MIPPOptions, "mipp", {"mipp_estimator": "mlp", "mlp_layers": 3}, ["mlp_layers must be a list of layer names"]),
-    (CMIOptions, "cmi", {"budget": "latency=3"}, ["budget must look like 'flops=0.4'"]),
+    (CMIOptions, "cmi", {"budget": "speed=3"}, ["budget must look like 'flops=0.4'"]),
+    (CMIOptions, "cmi", {"budget": "latency=0.5x"}, ["cmi option budget takes flops, params or channels"]),
     # out of range
     (CMIOptions, "cmi", {"gamma": -1}, ["cmi option gamma must be a number > 0, got -1"]),
     (CMIOptions, "cmi", {"eta": 1.5}, ["cmi option eta must be a number > 0 and <= 1, got 1.5"]),

@@ -28,7 +28,8 @@ FIRST = {
     "baseline_epochs": (3, "baseline"), "baseline_lr": (0.1, "baseline"),
     "criterion": ("l1", "rank"), "criterion_options": ({"recon_search": "backward"}, "rank"),
     "rank_samples": (64, "rank"), "keep_ratio": (0.3, "prune"), "keep": ({"features.0": 0.5}, "prune"),
-    "round_to": (8, "prune"), "budget": ("flops=0.4", "prune"), "bn_recalibration": (100, "prune"),
+    "round_to": (8, "prune"), "budget": ("flops=0.4", "prune"), "latency_source": ("estimate", None),
+    "latency_levels": (8, None), "bn_recalibration": (100, "prune"),
     "fold": ("masked", "prune"), "compensation": ("none", "prune"), "compensation_samples": (64, "prune"),
     "finetune_epochs": (2, "finetune"), "lr": (0.5, "finetune"), "momentum": (0.8, "baseline"),
     "weight_decay": (1e-4, "baseline"), "label_smoothing": (0.0, "baseline"), "distill": (True, "finetune"),
@@ -44,11 +45,13 @@ WITH_CHECKPOINT = {"baseline_epochs": None, "baseline_lr": None, "batch_size": "
 
 def _digests(cfg: Config, pre=None) -> dict[str, str]:
     pre = pre or preflight(cfg)
-    return {name: digest_of(name, inputs) for name, inputs in stage_inputs(cfg, pre).items()}
+    return {name: None if inputs is None else digest_of(name, inputs)  # None: a stage this config does not run
+            for name, inputs in stage_inputs(cfg, pre).items()}
 
 
-def _rerun(first: str | None) -> list[str]:
-    return [] if first is None else ORDER[ORDER.index(first):]
+def _rerun(first: str | None, latency: bool = False) -> list[str]:
+    """The stages from `first` on (the latency stage runs only with a latency budget)."""
+    return [] if first is None else [n for n in ORDER[ORDER.index(first):] if latency or n != "latency"]
 
 
 def _changed(base: dict, field: str, value, tmp_path) -> list[str]:
@@ -109,3 +112,30 @@ def test_without_compensation_its_images_still_key_the_prune():
     """A budget's sensitivity probes re-estimate BN on the compensation images even when nothing is refitted."""
     base = {**BASE, "compensation": "none", "budget": "flops=0.4"}
     assert _changed(base, "compensation_samples", 64, None) == _rerun("prune")
+
+
+def test_a_latency_budget_measures_again_when_the_target_or_its_source_changes(checkpoint, tmp_path):
+    """The latency table is keyed by the whole target profile: another target, or the same name with other
+    hardware, or another table source, re-measures it (and re-prunes); a FLOPs budget runs no latency stage."""
+    base = {**BASE, "checkpoint": checkpoint, "budget": "latency=0.5x", "target": "x86-cpu"}
+    assert _digests(build_config({}, {**base, "budget": "flops=0.4"}))["latency"] is None
+    assert _changed(base, "target", "jetson", tmp_path)[0] == "latency"
+    assert _changed(base, "latency_source", "estimate", tmp_path) == _rerun("latency", latency=True)
+    assert _changed(base, "latency_levels", 8, tmp_path) == _rerun("latency", latency=True)
+    assert _changed(base, "budget", "latency=0.25x", tmp_path) == _rerun("prune")
+    cfg = build_config({}, base)
+    pre = preflight(cfg)
+    edited = dataclasses.replace(pre, target=dataclasses.replace(pre.target, memory_bandwidth_gbs=7.0))
+    a, b = _digests(cfg, pre), _digests(cfg, edited)
+    assert [name for name in ORDER if a[name] != b[name]][0] == "latency"
+
+
+def test_a_stage_input_added_later_keeps_the_old_keys_while_unset():
+    from toolchain.stages import prune
+
+    inputs = prune.Inputs("r", "b", "vgg11_bn", 0)
+    assert "latency" not in dataclasses.asdict(inputs) or inputs.latency is None
+    from toolchain.stages.base import key_of
+
+    assert "latency" not in key_of(inputs)
+    assert key_of(dataclasses.replace(inputs, latency="d"))["latency"] == "d"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolchain.cost import CostModel
+from toolchain.latency import LatencyTable
 from toolchain.ranking.base import LayerRanking, PrunableLayer
 from toolchain.ranking.cutoffs import Budget, Extra, allocate_budget, budget_cost, layer_costs
 from toolchain.util import atomic_write_json
@@ -125,12 +126,48 @@ def allocate(layers: Sequence[PrunableLayer], sensitivity: dict[str, list[list[f
     return counts, info
 
 
+def meet_measured(solve: Callable[[float], tuple[dict[str, int], dict[str, Any]]],
+                  measure: Callable[[dict[str, int]], float], budget_ms: float, *, rounds: int = 6,
+                  tolerance: float = 0.03) -> tuple[dict[str, int], dict[str, Any]]:
+    """Allocate against the table, measure the pruned model, and aim the table's budget until the measured latency
+    is within `tolerance` of the budget: a table of convs timed alone predicts the network only roughly
+    (``toolchain.latency.fit_weight_stream``). The aim moves by the measured ratio until one round measured under
+    the budget and one over, then by bisection between the closest two. The answer is the round measured closest
+    to the budget without going over it by more than the tolerance (else the fastest)."""
+    target, tried = budget_ms, []
+    for _ in range(rounds):
+        counts, info = solve(target)
+        measured = float(measure(counts))
+        tried.append((counts, info, measured, target))
+        if abs(measured / budget_ms - 1) <= tolerance:
+            break
+        under = [t for t in tried if t[2] < budget_ms]
+        over = [t for t in tried if t[2] > budget_ms]
+        if under and over:
+            low, high = max(under, key=lambda t: t[3])[3], min(over, key=lambda t: t[3])[3]
+            target = (low + high) / 2 if low < high else target * budget_ms / measured
+        else:
+            target *= budget_ms / measured
+    fits = [t for t in tried if t[2] <= budget_ms * (1 + tolerance)]
+    counts, info, measured, target = (max(fits, key=lambda t: t[2]) if fits else min(tried, key=lambda t: t[2]))
+    return counts, {**info, "measured_ms": measured, "table_budget_ms": target, "budget_ms": budget_ms,
+                    "rounds": [{"table_budget_ms": t, "predicted_ms": i["predicted_ms"], "measured_ms": m}
+                               for _, i, m, t in tried]}
+
+
 def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
                         example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, budget: Budget, *,
                         compensation: bool, round_to: int = 1, seed: int = 0,
-                        cache: Path | None = None) -> tuple[dict[str, int], dict[str, Any]]:
+                        cache: Path | None = None, latency: LatencyTable | None = None,
+                        measure: Callable[[dict[str, int]], float] | None = None
+                        ) -> tuple[dict[str, int], dict[str, Any]]:
     """Measure the sensitivity (or read it from `cache`, a JSON file written by an earlier call with the same
-    model, rankings, images and settings: it does not depend on the budget), then allocate under `budget`."""
+    model, rankings, images and settings: it does not depend on the budget), then allocate under `budget`
+    (a latency budget: with the knapsack over `latency`, the target's table, ``toolchain.knapsack``; with
+    `measure`, counts -> the pruned model's measured ms on this host, the budget is met as measured,
+    ``meet_measured``)."""
+    if budget.kind == "latency" and latency is None:
+        raise ValueError("allocate_for_budget: a latency budget needs the target's latency table")
     t0 = time.perf_counter()
     cached = cache is not None and cache.is_file()
     if cached:
@@ -141,9 +178,23 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
         if cache is not None:
             atomic_write_json(cache, sens)
     cost = CostModel.of(dense, tuple(example.shape[1:]), layers)
-    counts, info = allocate(layers, sens, budget, round_to=round_to, members=cost.member_terms(budget.kind))
-    # the budget is over the prunable groups' cost; the whole model's (as reported) from the same cost model
-    model_cost = cost.fraction(budget.kind, counts)
+    if budget.kind == "latency":
+        from toolchain.knapsack import allocate_latency
+        from toolchain.latency import conv_terms
+
+        terms = conv_terms(dense, tuple(example.shape[1:]), layers)
+        budget_ms = budget.latency_ms(latency.dense_ms)
+
+        def solve(target_ms: float) -> tuple[dict[str, int], dict[str, Any]]:
+            return allocate_latency(layers, sens, latency, terms, target_ms, round_to=round_to, levels=latency.levels)
+
+        counts, info = meet_measured(solve, measure, budget_ms) if measure else solve(budget_ms)
+        info["budget"] = str(budget)
+        model_cost = info["predicted_ms"] / latency.dense_ms
+    else:
+        counts, info = allocate(layers, sens, budget, round_to=round_to, members=cost.member_terms(budget.kind))
+        # the budget is over the prunable groups' cost; the whole model's (as reported) from the same cost model
+        model_cost = cost.fraction(budget.kind, counts)
     info.update(model_cost=model_cost, sensitivity=sens, sensitivity_cached=cached,
                 seconds=round(time.perf_counter() - t0, 2))
     return counts, info

@@ -46,8 +46,12 @@ class Config:
     # criterion's own default, 256 (the CMI papers' N) for all of today's)
     keep_ratio: float = 0.5  # uniform fraction of channels kept per layer
     keep: dict[str, float] = field(default_factory=dict)  # per-layer: ratio (<=1) or count (>1)
-    round_to: int = 1  # round kept counts to a multiple (8 suits tensor cores)
-    budget: str | None = None  # "flops=0.4" / "params=0.2" / "channels=0.67": counts from measured sensitivity
+    round_to: int | None = None  # round kept counts to a multiple; default 1, or 8 for a latency budget on a GPU
+    # with tensor cores (pipeline.resolve_round_to)
+    budget: str | None = None  # "flops=0.4" / "params=0.2" / "channels=0.67" / "latency=0.5x" / "latency=12ms":
+    # counts from the measured sensitivity
+    latency_source: str = "auto"  # a latency budget's table: auto | host | estimate (toolchain.latency)
+    latency_levels: int = 16  # kept counts a latency budget chooses from per layer (the table's grid)
     bn_recalibration: int = 2000  # training images to re-estimate BN statistics after pruning
     fold: str = "none"  # none: plain removal | masked: fold removed channels' constants (pruned == masked)
     compensation: str = "lstsq"  # none | lstsq: refit each consumer towards the dense network's outputs
@@ -176,8 +180,8 @@ def validate(cfg: Config) -> None:
     for name, value in cfg.keep.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise UserError(f"keep[{name!r}] must be a ratio in (0, 1] or a channel count >= 1")
-    positive = ("batch_size", "rank_samples", "round_to", "bench_runs", "image_size", "calibration_samples",
-                "compensation_samples")
+    positive = ("batch_size", "rank_samples", "round_to", "latency_levels", "bench_runs", "image_size",
+                "calibration_samples", "compensation_samples")
     for name in positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -219,6 +223,8 @@ def validate(cfg: Config) -> None:
         parse_budget(cfg.budget)
         if cfg.keep:
             raise UserError("keep (per-layer counts) and budget are exclusive: the budget chooses every layer's count")
+    if cfg.latency_source not in ("auto", "host", "estimate"):
+        raise UserError(f"latency_source must be auto, host or estimate, got {cfg.latency_source!r}")
     if cfg.fold not in ("none", "masked"):
         raise UserError(f"fold must be none or masked, got {cfg.fold!r}")
     if cfg.compensation not in ("none", "lstsq"):

@@ -22,17 +22,20 @@ from toolchain.config import OPSET_DEFAULT, Config
 from toolchain.data import SOURCES as DATA_SOURCES
 from toolchain.data import DataSpec, count_classes
 from toolchain.errors import UserError
+from toolchain.latency import host_measures
+from toolchain.latency_store import imported_table
 from toolchain.models import create_model, default_normalization
 from toolchain.ranking import CRITERIA, load_criteria
 from toolchain.ranking.base import check_options, default_samples
-from toolchain.stages import baseline, bench, bundle, export, finetune, prune, quantize, rank, tensorrt_engine
+from toolchain.ranking.cutoffs import parse_budget
+from toolchain.stages import baseline, bench, bundle, export, finetune, latency, prune, quantize, rank, tensorrt_engine
 from toolchain.stages.base import Done, StageContext, digest_of, run_stage
 from toolchain.targets import TargetProfile, load_target
 from toolchain.train import distributed as dist_utils
 from toolchain.util import out_lock, resolve_device, sha256_file
 
 log = logging.getLogger("build_edge")
-TRAINING = (baseline, rank, prune, finetune)  # every rank runs (or waits for) these under torchrun
+TRAINING = (baseline, rank, latency, prune, finetune)  # every rank runs (or waits for) these under torchrun
 DELIVERY = (export, quantize, tensorrt_engine, bench)  # rank 0 alone
 
 
@@ -95,7 +98,23 @@ def preflight(cfg: Config) -> Preflight:
         if unknown:
             raise UserError(f"keep: unknown layer(s) {', '.join(unknown)}; prunable layers of {cfg.model}: "
                             f"{', '.join(sorted(names))}")
+    _check_latency_source(cfg, target, precision)
     return Preflight(target, precision, device, state, num_classes, opset)
+
+
+def _check_latency_source(cfg: Config, target: TargetProfile, precision: str) -> None:
+    budget = parse_budget(cfg.budget)
+    if budget is None or budget.kind != "latency" or cfg.latency_source != "host":
+        return
+    if target.runtime == "onnxruntime" and precision != "fp32":
+        raise UserError(f"--latency-source host measures ONNX Runtime CPU tables at fp32, not {precision}; use "
+                        "--precision fp32 or --latency-source estimate")
+    if target.runtime == "tensorrt":
+        if not torch.cuda.is_available():
+            raise UserError(f"--latency-source host for {target.name} (TensorRT) measures on a GPU and this machine "
+                            "has none; use --latency-source estimate, or import a table from the device")
+        if precision not in ("fp32", "fp16"):
+            raise UserError(f"--latency-source host times torch convs at fp32 or fp16, not {precision}")
 
 
 def run_pipeline(cfg: Config, pre: Preflight | None = None) -> Path:
@@ -162,6 +181,37 @@ def clean(out: Path, *, keep_cache: bool = False) -> list[tuple[Path, int]]:
     return removed
 
 
+def resolve_round_to(round_to: int | None, target: TargetProfile, latency_budget: bool) -> int:
+    """``--round-to``, or its default: for a latency budget 8 on a GPU with tensor cores and on an x86 ONNX Runtime
+    target (its NCHWc conv kernels take channel blocks of 8 on AVX2: on the shared VGG16 at 1 thread, pruned
+    models with counts such as 60 measured 0.9x to 1.35x what their convs' entries predict, with blocks of 8 they
+    follow the table), else 1."""
+    if round_to is not None:
+        return round_to
+    if not latency_budget:
+        return 1
+    tensor_cores = target.gpu is not None and (target.gpu.tensor_cores or 0) > 0
+    cpu_model = target.cpu.model if target.cpu is not None else ""
+    return 8 if tensor_cores or (target.runtime == "onnxruntime" and "x86" in cpu_model.lower()) else 1
+
+
+def latency_inputs(baseline_digest: str, cfg: Config, pre: Preflight, threads: int, round_to: int) -> latency.Inputs:
+    """Where a latency budget's table comes from (``--latency-source``): auto measures on this host when it is
+    the target (an x86 ONNX Runtime target at fp32), else reads a table imported from the device for this target,
+    precision and batch, else estimates with the roofline; host measures here whatever the target."""
+    target, source = pre.target, cfg.latency_source
+    imported = imported_table(target.name, pre.precision, 1) if source == "auto" else None
+    cpu_model = target.cpu.model if target.cpu is not None else ""
+    here = host_measures(cpu_model, target.runtime) and pre.precision == "fp32"
+    if source == "host" or (source == "auto" and here and imported is None):
+        backend = "onnxruntime" if target.runtime == "onnxruntime" else "torch"
+    else:
+        backend = "roofline"
+    return latency.Inputs(baseline_digest, cfg.model, target.to_dict(), backend, pre.precision, 1, threads, round_to,
+                          cfg.latency_levels, device_table=str(imported) if imported else None,
+                          device_table_sha256=sha256_file(imported) if imported else None)
+
+
 def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, Any]:
     """Every stage's inputs, from the config alone (nothing runs): their digests are the cache keys, so
     which stages a config change re-runs can be read off here (tests/test_stage_keys.py does)."""
@@ -179,6 +229,10 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
     training = baseline.Training(cfg.baseline_epochs, cfg.baseline_lr, cfg.momentum, cfg.batch_size,
                                  cfg.weight_decay, cfg.label_smoothing, cfg.amp, world)
     target, batches = pre.target, tuple(cfg.bench_batch_sizes or sorted({1, *pre.target.batch_sizes}))
+    threads = min(target.threads, os.cpu_count() or 1)
+    budget = parse_budget(cfg.budget)
+    timed = budget is not None and budget.kind == "latency"
+    round_to = resolve_round_to(cfg.round_to, target, timed)
     reads_ratio = getattr(CRITERIA.get(cfg.criterion), "reads_keep_ratio", False)
     return {
         "baseline": add(baseline, baseline.Inputs(
@@ -187,10 +241,11 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
         "rank": add(rank, rank.Inputs(digest["baseline"], cfg.model, cfg.criterion,
                                       cfg.rank_samples or default_samples(cfg.criterion), cfg.seed,
                                       dict(cfg.criterion_options), at_init, cfg.keep_ratio if reads_ratio else None)),
+        "latency": add(latency, latency_inputs(digest["baseline"], cfg, pre, threads, round_to)) if timed else None,
         "prune": add(prune, prune.Inputs(
-            digest["rank"], digest["baseline"], cfg.model, cfg.seed, cfg.keep_ratio, dict(cfg.keep), cfg.round_to,
+            digest["rank"], digest["baseline"], cfg.model, cfg.seed, cfg.keep_ratio, dict(cfg.keep), round_to,
             cfg.budget, cfg.bn_recalibration, cfg.fold, compensation,
-            cfg.compensation_samples, at_init)),
+            cfg.compensation_samples, at_init, digest.get("latency"))),
         "finetune": add(finetune, finetune.Inputs(
             digest["prune"], digest["baseline"], cfg.model, *((cfg.baseline_epochs, cfg.baseline_lr) if at_init
                                                               else (cfg.finetune_epochs, cfg.lr)),
@@ -204,7 +259,7 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
         "engine": add(tensorrt_engine, tensorrt_engine.Inputs(digest["export"], digest["quantize"], pre.precision,
                                                               batches, target.workspace_mb or 1024)),
         "bench": add(bench, bench.Inputs(digest["export"], digest["quantize"], digest["engine"],
-                                         min(target.threads, os.cpu_count() or 1), target.memory_budget_mb,
+                                         threads, target.memory_budget_mb,
                                          cfg.bench_runs, batches)),
     }
 
@@ -227,7 +282,8 @@ def _run(cfg: Config, pre: Preflight) -> Path:
     ctx = StageContext(out / ".work", data, device)  # keyed by content: runs that share a stage share it
     done: dict[str, Done] = {}
     for stage in TRAINING:  # every rank under torchrun
-        done[stage.NAME] = run_stage(stage, inputs[stage.NAME], ctx)
+        if inputs[stage.NAME] is not None:  # the latency stage runs for a latency budget only
+            done[stage.NAME] = run_stage(stage, inputs[stage.NAME], ctx)
     if not dist_utils.is_main():
         return out / cfg.resolved_run_name  # rank 0 alone exports, benchmarks and writes the bundle
     for stage in DELIVERY:

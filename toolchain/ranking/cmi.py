@@ -65,7 +65,10 @@ PRESERVES = ("labels", "next")
 
 
 def _budget(name: str, value: Any) -> Budget | None:
-    return parse_budget(value)  # its UserError names the budget and the accepted forms
+    budget = parse_budget(value)  # its UserError names the budget and the accepted forms
+    if budget is not None and budget.kind == "latency":
+        raise UserError("the cmi option budget takes flops, params or channels; for latency use --budget latency=...")
+    return budget
 
 
 @dataclass(frozen=True)

@@ -249,27 +249,47 @@ def xmeans_cutoff(curve: Sequence[float], kmax: int = 10, seed: int = 0) -> tupl
 
 @dataclass(frozen=True)
 class Budget:
-    kind: str  # "flops", "params" or "channels" (filters)
-    fraction: float  # keep at most this fraction of the prunable convs' dense cost
+    kind: str  # "flops", "params", "channels" (filters) or "latency"
+    fraction: float | None  # keep at most this fraction of the dense cost (latency: of the dense model's latency)
+    ms: float | None = None  # a latency budget in milliseconds on the target (then fraction is None)
 
     def __str__(self) -> str:
-        return f"{self.kind}={self.fraction:g}"
+        if self.ms is not None:
+            return f"latency={self.ms:g}ms"
+        return f"latency={self.fraction:g}x" if self.kind == "latency" else f"{self.kind}={self.fraction:g}"
+
+    def latency_ms(self, dense_ms: float) -> float:
+        """A latency budget in ms, given the dense model's latency on the target."""
+        return float(self.ms) if self.ms is not None else float(self.fraction) * dense_ms
+
+
+_BUDGET_HELP = ("budget must look like 'flops=0.4', 'params=0.2', 'channels=0.67' (a fraction in (0, 1]), "
+                "'latency=0.5x' (of the dense model's latency on the target) or 'latency=12ms'")
 
 
 def parse_budget(text: str | Budget | None) -> Budget | None:
-    """``"flops=0.4"`` / ``"params=0.2"`` / ``"channels=0.67"`` -> Budget (keep at most that fraction); None
-    passes through."""
+    """``"flops=0.4"`` / ``"params=0.2"`` / ``"channels=0.67"`` / ``"latency=0.5x"`` / ``"latency=12ms"`` ->
+    Budget (keep at most that much); None passes through."""
     if text is None or isinstance(text, Budget):
         return text
-    m = re.fullmatch(r"\s*(flops|params|channels)\s*=\s*([0-9.eE+-]+)\s*", str(text))
+    m = re.fullmatch(r"\s*(flops|params|channels|latency)\s*=\s*([0-9.eE+-]+)\s*(x|ms)?\s*", str(text))
     try:
-        fraction = float(m.group(2)) if m else math.nan
+        value = float(m.group(2)) if m else math.nan
     except ValueError:
-        fraction = math.nan
-    if not m or not 0 < fraction <= 1:
-        raise UserError("budget must look like 'flops=0.4', 'params=0.2' or 'channels=0.67' with a fraction in "
-                        f"(0, 1], got {text!r}")
-    return Budget(m.group(1), fraction)
+        value = math.nan
+    if not m or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{_BUDGET_HELP}, got {text!r}")
+    kind, unit = m.group(1), m.group(3)
+    if kind == "latency":
+        if unit is None:
+            raise UserError(f"a latency budget needs a unit, 'x' (of the dense latency) or 'ms', got {text!r}")
+        if unit == "ms":
+            return Budget(kind, None, value)
+    elif unit is not None:
+        raise UserError(f"{_BUDGET_HELP}, got {text!r}")
+    if value > 1:
+        raise UserError(f"{_BUDGET_HELP}, got {text!r}")
+    return Budget(kind, value)
 
 
 Extra = tuple[float, int | None, int | None]  # (dense cost, out layer, input layer): see allocate_budget

@@ -48,6 +48,7 @@ def write_report(folder: Path, manifest: dict[str, Any], *, rankings: dict[str, 
     sections.channels(doc, mf, ranks)
     sections.cmi(doc, mf, ranks)
     sections.host_latency(doc, mf)
+    sections.latency_budget(doc, mf)
     sections.device(doc, DeviceResults.parse(device_results))
     sections.memory(doc, mf)
     sections.roofline(doc, mf)

@@ -117,6 +117,7 @@ class Metrics:
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # {variant: entry}
     roofline: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # {target: {precision: row}}
     finetune_history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch
+    latency_budget: dict[str, Any] = field(default_factory=dict)  # a latency budget's predicted vs measured
     keys: frozenset[str] = frozenset()  # the keys written, a null value included
 
     @classmethod
@@ -133,6 +134,7 @@ class Metrics:
                              for t, per in mapping(m.get("roofline")).items()},
                    finetune_history=[dict(e) for e in history if isinstance(e, Mapping)]
                    if isinstance(history, list) else [],
+                   latency_budget=mapping(m.get("latency_budget")),
                    keys=frozenset(str(k) for k in m))
 
     def p50_ms(self, variant: Variant | str, batch: int = 1) -> float | None:

@@ -259,6 +259,33 @@ def host_latency(doc: Doc, mf: Manifest) -> None:
                "mean ± std ms", "images/s", "peak RSS MB"], _latency_table(m.latency))
 
 
+def latency_budget(doc: Doc, mf: Manifest) -> None:
+    lb = mf.metrics.latency_budget
+    if not lb:
+        return
+    doc.h2("Latency budget")
+    kind = str(lb.get("table"))
+    where = {"measured": f"measured on {lb.get('measured_on')}", "device": f"measured on the device "
+             f"({lb.get('measured_on')}) with the kit", "estimate": f"an ESTIMATE ({lb.get('measured_on')})"}
+    doc.p(f"Budget {lb.get('budget')} at batch 1: the channel counts were chosen against a latency table "
+          f"{where.get(kind, kind)}. Predicted is that table's sum for the dense and the pruned model.")
+    if lb.get("rounds"):
+        doc.p(f"The table's budget was aimed by what the pruned model measured here ({len(lb['rounds'])} round(s): "
+              + ", ".join(f"{r['table_budget_ms']:.3f} ms -> measured {r['measured_ms']:.3f}" for r in lb["rounds"])
+              + ").")
+    rows: list[Row] = [["budget", _ms(lb.get("budget_ms")), ""],
+                       ["dense", _ms(lb.get("predicted_dense_ms")), _ms(lb.get("measured_dense_ms"))],
+                       ["pruned", _ms(lb.get("predicted_ms")), _ms(lb.get("measured_ms"))]]
+    doc.table(["", f"predicted ms ({kind})", "measured ms on this host (ORT p50)"], rows)
+    if kind == "estimate":
+        doc.p("The host measurement is of this machine, not the target: compare it with the prediction only for "
+              "a table measured here.")
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
 def _latency_table(latency: Mapping[str, dict[str, Any]]) -> list[Row]:
     """One row per variant and batch; a variant that was not measured gets one row that says why."""
     rows: list[Row] = []

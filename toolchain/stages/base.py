@@ -33,9 +33,17 @@ log = logging.getLogger("build_edge")
 RESUME_CHECKPOINT = "last.pt"  # a training stage's per-epoch checkpoint (toolchain.train.loop.fit)
 
 
+OMIT_IF_NONE = {"omit_if_none": True}  # field metadata: an input added later keeps the old keys while unset
+
+
 def key_of(inputs: Any) -> dict[str, Any]:
-    """The cache key: the inputs as plain JSON values (nested dataclasses become dicts)."""
-    return dataclasses.asdict(inputs)
+    """The cache key: the inputs as plain JSON values (nested dataclasses become dicts); a field marked
+    ``OMIT_IF_NONE`` is left out while None, so adding it did not change every existing key."""
+    key = dataclasses.asdict(inputs)
+    for f in dataclasses.fields(inputs):
+        if f.metadata.get("omit_if_none") and key[f.name] is None:
+            del key[f.name]
+    return key
 
 
 def digest_of(name: str, inputs: Any) -> str:

@@ -125,7 +125,23 @@ def collect_metrics(done: dict[str, Done]) -> dict[str, Any]:
         "memory": bench.memory,
         "roofline": bench.roofline,
         "finetune_history": ft.history,
+        **({"latency_budget": latency_budget(done)} if "latency" in done else {}),
     }
+
+
+def latency_budget(done: dict[str, Done]) -> dict[str, Any]:
+    """A latency budget's prediction (the table's sum) beside what the bench stage measured at batch 1."""
+    alloc, table = done["prune"].result.allocation or {}, done["latency"].result
+    bench = done["bench"].result.latency or {}
+
+    def p50(variant: str) -> float | None:
+        return ((bench.get(variant) or {}).get("batches") or {}).get("1", {}).get("p50_ms")
+
+    return {"budget": alloc.get("budget"), "budget_ms": alloc.get("budget_ms"),
+            "predicted_ms": alloc.get("predicted_ms"), "predicted_dense_ms": alloc.get("dense_ms"),
+            "table_budget_ms": alloc.get("table_budget_ms"), "rounds": alloc.get("rounds"),
+            "table": table.kind, "table_backend": table.backend, "measured_on": table.measured_on,
+            "measured_ms": p50("pruned/fp32"), "measured_dense_ms": p50("dense/fp32")}
 
 
 def write_run_bundle(dest: Path, *, cfg: Config, target, precision: str, data: Dataset,
@@ -139,6 +155,8 @@ def write_run_bundle(dest: Path, *, cfg: Config, target, precision: str, data: D
              **{name: folder["quantize"] / name for name in quantized.files}}
     if engine.built:
         files[engine.file] = folder["engine"] / engine.file
+    if "latency" in done:  # the table the budget read; the kit measures its shapes on the device (--latency-table)
+        files["latency_table.json"] = folder["latency"] / "table.json"
     model_files = {"fp32": "model.onnx", "int8": "model.int8.onnx",
                    **({"fp16": "model.fp16.onnx"} if "model.fp16.onnx" in quantized.files else {})}
 

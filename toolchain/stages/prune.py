@@ -43,7 +43,8 @@ from toolchain.models import create_model
 from toolchain.ranking.base import LayerRanking, PrunableLayer
 from toolchain.ranking.cutoffs import parse_budget
 from toolchain.stages import baseline, rank
-from toolchain.stages.base import StageContext
+from toolchain.stages import latency as latency_stage
+from toolchain.stages.base import OMIT_IF_NONE, StageContext
 from toolchain.train.loop import evaluate, recalibrate_batchnorm
 from toolchain.util import atomic_torch_save, atomic_write_json, stable_hash
 
@@ -352,6 +353,7 @@ class Inputs:
     compensation: str = "lstsq"  # "none" when pruning at init: there is no trained network to match
     compensation_samples: int = 2048  # also the images a budget's sensitivity probes re-estimate BN on
     at_init: bool = False
+    latency: str | None = field(default=None, metadata=OMIT_IF_NONE)  # the latency stage's digest (latency budget)
 
 
 @dataclass
@@ -397,10 +399,12 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
     if inputs.budget:
         probe = data.normalize(data.train.images[balanced_indices(data.train.labels, 256, seed + 3)].to(device))
         sensitivity = sensitivity_folder(ctx, inputs)
+        table = latency_stage.load_table(ctx, inputs.latency) if inputs.latency else None
         counts, extra["allocation"] = allocate_for_budget(
             source.to(device), layers, rankings, example.to(device), probe, fit_images[:128],
             parse_budget(inputs.budget), compensation=compensating, round_to=inputs.round_to, seed=seed,
-            cache=sensitivity / "sensitivity.json")
+            cache=sensitivity / "sensitivity.json", latency=table,
+            measure=_host_measure(table, source, example, rankings, data.input_shape))
         extra["sensitivity"] = sensitivity.name
         source.cpu()
     else:
@@ -434,6 +438,25 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
                   bn_images=recalibrated, kept_counts=counts,
                   channels_removed=sum(layer.channels - counts[layer.name] for layer in layers),
                   channels_dense=sum(layer.channels for layer in layers), **extra)
+
+
+def _host_measure(table, source: nn.Module, example: torch.Tensor, rankings: dict[str, LayerRanking],
+                  input_shape) -> Any:
+    """counts -> measured ms of the model pruned to them, when the table was measured on this host (a latency budget
+    is then met as measured, ``allocation.meet_measured``); None otherwise (an estimate or a device table)."""
+    if table is None or table.kind != "measured":
+        return None
+    from toolchain.latency import TorchTimer, measure_model
+    from toolchain.stages.export import fold_batchnorm
+
+    def measure(counts: dict[str, int]) -> float:
+        pruned, _ = prune_model(copy.deepcopy(source).cpu(), example.cpu(), kept_indices(rankings, counts))
+        if table.backend == "torch":
+            timer = TorchTimer("cuda" if torch.cuda.is_available() else "cpu", table.precision, table.batch)
+            return timer.time_module(fold_batchnorm(pruned.float()), (table.batch, *input_shape))
+        return measure_model(pruned, tuple(input_shape), table.backend, table.threads, table.batch)
+
+    return measure
 
 
 def load_pruned(ctx: StageContext, digest: str, model: str, weights: Path | None = None) -> nn.Module:

@@ -70,8 +70,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "report.md").write_text("# report\n")
     written = write_kit(root, model_files={"fp32": "model.onnx", "int8": "model_int8.onnx"}, target=TARGET,
                         labels=LABELS, mean=MEAN, std=STD, input_size=32)
-    assert written == ["kit/build_engine.sh", "kit/bench_on_device.py", "kit/labels.txt", "kit/preprocess.json",
-                       "kit/kit.json", "kit/README.md"]
+    assert written == ["kit/build_engine.sh", "kit/bench_on_device.py", "kit/latency_table.py", "kit/labels.txt",
+                       "kit/preprocess.json", "kit/kit.json", "kit/README.md"]
     write_manifest(root)
     return root
 

@@ -34,10 +34,17 @@ HELP = {
                   "baseline is trained first",
     "criterion": "channel ranking: recon (default), l1, random, bn-scale, taylor, cmi, mipp",
     "keep_ratio": "fraction of channels kept in every prunable layer",
-    "round_to": "round kept channel counts up to a multiple of this (8 suits tensor cores)",
+    "round_to": "round kept channel counts up to a multiple of this (default 1; 8 for a latency budget on a GPU "
+                "target with tensor cores)",
     "budget": "global budget for any criterion, e.g. flops=0.4, params=0.2 or channels=0.67 (keep at most that "
-              "fraction of the prunable convs' FLOPs, parameters or filters); counts from each layer's measured "
-              "one-shot sensitivity",
+              "fraction of the prunable convs' FLOPs, parameters or filters), or latency=0.5x / latency=12ms on "
+              "the target (batch 1, from its latency table); counts from each layer's measured one-shot "
+              "sensitivity",
+    "latency_source": "a latency budget's table: auto (measured here when this host is the target, a table "
+                      "imported from the device, else the roofline estimate), host (measure here: ONNX Runtime "
+                      "CPU, or torch on this GPU for a TensorRT target) or estimate",
+    "latency_levels": "kept counts per layer a latency budget chooses from (1/N .. N/N of its channels): the "
+                      "latency table's grid; more levels, more convs to time",
     "rank_samples": "class-balanced training images shown to data-driven criteria",
     "bn_recalibration": "training images used to re-estimate BatchNorm statistics after pruning",
     "fold": "none (plain removal, default) or masked (fold removed channels' constants: pruned == masked)",
@@ -274,9 +281,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    """bench-edge BUNDLE RESULT.json ...: fold on-device benchmark results into a bundle's report."""
+    """bench-edge BUNDLE RESULT.json ...: fold on-device benchmark results into a bundle's report;
+    bench-edge import-latency-table FILE: store a latency table the kit measured on the device."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["import-latency-table"]:
+        return import_latency_table_main(argv[1:])
     parser = _Parser(prog="bench-edge", description="Merge on-device results (from the kit's "
-                                                    "bench_on_device.py) into a bundle.")
+                                                    "bench_on_device.py) into a bundle. 'bench-edge "
+                                                    "import-latency-table FILE' stores a latency table measured "
+                                                    "on the device (bench_on_device.py --latency-table).")
     parser.add_argument("bundle", help="bundle folder written by build-edge")
     parser.add_argument("results", nargs="+", help="JSON files written by bench_on_device.py")
     args = parser.parse_args(argv)
@@ -288,6 +301,33 @@ def bench_main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"bench-edge: error: {e}\n")
         return 2
     print(f"merged {len(merged.get('results', []))} result(s) into {args.bundle}")
+    return 0
+
+
+def import_latency_table_main(argv: list[str]) -> int:
+    """bench-edge import-latency-table FILE: check a device latency table and store it for later builds."""
+    parser = _Parser(prog="bench-edge import-latency-table",
+                     description="Store a latency table measured on the device (kit/bench_on_device.py "
+                                 "--latency-table); later builds for its target, precision and batch read it.")
+    parser.add_argument("table", help="latency_table.device.json written by the kit")
+    args = parser.parse_args(argv)
+    try:
+        from toolchain.latency import LatencyTable
+        from toolchain.latency_store import import_table
+
+        try:
+            dest = import_table(args.table)
+        except OSError as e:
+            raise UserError(f"cannot store the table under {e.filename or 'the latency table store'}: "
+                            f"{e.strerror or e}") from None
+    except UserError as e:
+        sys.stderr.write(f"bench-edge: error: {e}\n")
+        return 2
+    table = LatencyTable.load(dest)
+    print(f"stored the device latency table of {table.target} ({table.precision}, batch {table.batch}, "
+          f"{len(table.entries)} convs, {table.backend} on {table.measured_on or '?'}) at {dest}")
+    print(f"later builds for {table.target} at {table.precision}, batch {table.batch} will use it "
+          "(--latency-source auto)")
     return 0
 
 

@@ -167,6 +167,7 @@ def write_kit(bundle_dir: Path, *, model_files: Mapping[str, str], target: Any, 
     files = {
         "build_engine.sh": (_fill(_template("build_engine.sh"), sh_values, "build_engine.sh"), _EXECUTABLE),
         "bench_on_device.py": (_template("bench_on_device.py"), _EXECUTABLE),
+        "latency_table.py": (_template("latency_table.py"), _EXECUTABLE),  # bench_on_device.py --latency-table
         "labels.txt": ("\n".join(labels) + "\n", None),
         "preprocess.json": (json.dumps(preprocess, indent=2) + "\n", None),
         "kit.json": (json.dumps(kit_json, indent=2) + "\n", None),

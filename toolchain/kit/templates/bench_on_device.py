@@ -14,6 +14,7 @@ Examples::
     python3 kit/bench_on_device.py --check-only
     python3 kit/bench_on_device.py --backend tensorrt --precision int8 fp16 --out orin_int8.json
     python3 kit/bench_on_device.py --backend onnxruntime --precision fp32 --batch-sizes 1 8
+    python3 kit/bench_on_device.py --latency-table   # the bundle's latency table, measured here (latency_table.py)
 """
 
 from __future__ import annotations
@@ -432,6 +433,8 @@ def parse_args(argv, kit: dict) -> argparse.Namespace:
     p.add_argument("--jetson-clocks", action="store_true", help="run jetson_clocks (root) before timing")
     p.add_argument("--out", help="result JSON (default: bench_<host>_<backend>_<time>.json here)")
     p.add_argument("--check-only", action="store_true", help="verify the bundle checksums and stop")
+    p.add_argument("--latency-table", nargs="?", const="", metavar="OUT", help="measure latency_table.json's convs "
+                   "instead (kit/latency_table.py; its --help lists its options): OUT, default beside the bundle")
     args = p.parse_args(argv)
     if any(b <= 0 for b in args.batch_sizes) or args.iters <= 0 or args.warmup < 0:
         p.error("batch sizes and --iters must be positive, --warmup >= 0")
@@ -439,6 +442,10 @@ def parse_args(argv, kit: dict) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.startswith("--l") and "--latency-table".startswith(a.split("=")[0]) for a in argv):
+        sys.path.insert(0, str(KIT_DIR))  # latency_table.py sits beside this script; imported only for this
+        return __import__("latency_table").main(argv, bench=sys.modules[__name__])
     try:
         kit = load_kit()
         args = parse_args(argv, kit)

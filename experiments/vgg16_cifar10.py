@@ -302,14 +302,20 @@ def baseline_plan(base: Config, levels: Sequence[Level], *, criteria: Sequence[s
 # -- running -----------------------------------------------------------------------------------------------
 def stage_seconds(bundle: Path, manifest: dict[str, Any]) -> dict[str, float]:
     """Seconds each of the bundle's stages took when it was computed (its ``done.json``; a stage shared with
-    another run or resumed after a kill counts the time of the run that finished it)."""
+    another run counts the time of the run that computed it). A training stage resumed after a kill counts
+    every epoch (the sum of its history's ``secs``), not only the invocation that finished it."""
     out = {}
     for stage, folder in (manifest.get("stages") or {}).items():
         done = bundle.parent / ".work" / folder / "done.json"
         try:
-            out[stage] = float(json.loads(done.read_text()).get("seconds") or 0.0)
+            result = json.loads(done.read_text())
         except (OSError, ValueError):
             continue
+        seconds = float(result.get("seconds") or 0.0)
+        epochs = [e.get("secs") for e in result.get("history") or [] if isinstance(e, dict)]
+        if epochs and all(isinstance(v, (int, float)) for v in epochs):
+            seconds = max(seconds, float(sum(epochs)))
+        out[stage] = seconds
     return out
 
 
@@ -828,7 +834,7 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
     baselines: list[Variant] = []
     if criteria and levels:
         model = create_model(base.model, num_classes=pre.num_classes)
-        flops = FlopsModel(model, (3, base.image_size, base.image_size), round_to=base.round_to)
+        flops = FlopsModel(model, (3, base.image_size, base.image_size), round_to=base.round_to or 1)
         baselines = baseline_plan(base, levels, criteria=criteria, distill=distill,
                                   ratio_for=lambda f: matched_keep_ratio(flops, f), predict=flops.fraction,
                                   quick=args.quick)

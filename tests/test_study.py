@@ -209,3 +209,15 @@ def test_bad_study_input_is_one_line_and_exit_2(study, tmp_path, capsys, args, n
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()
+
+
+def test_a_resumed_fine_tune_counts_every_epoch_it_took(study, tmp_path):
+    """A fine-tune killed and resumed finishes in an invocation that ran only its last epochs: its done.json
+    seconds are that invocation's; the study reports the epochs' sum."""
+    work = tmp_path / ".work"
+    for name, result in {"finetune-a": {"seconds": 100.0, "history": [{"secs": 400.0}, {"secs": 90.0}]},
+                         "prune-b": {"seconds": 30.0}}.items():
+        (work / name).mkdir(parents=True)
+        (work / name / "done.json").write_text(json.dumps(result))
+    manifest = {"stages": {"finetune": "finetune-a", "prune": "prune-b", "bench": "bench-missing"}}
+    assert study.stage_seconds(tmp_path / "run", manifest) == {"finetune": 490.0, "prune": 30.0}

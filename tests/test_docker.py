@@ -143,7 +143,8 @@ def test_package_builds_from_the_copied_paths(tmp_path: Path) -> None:
     for required in ("toolchain/calibration/__init__.py", "toolchain/calibration/qdq.py",
                      "toolchain/calibration/trt_cache.py", "toolchain/kit/__init__.py",
                      "toolchain/kit/templates/build_engine.sh", "toolchain/kit/templates/bench_on_device.py",
-                     "toolchain/kit/templates/latency_table.py", "toolchain/kit/templates/README.md", "toolchain/backends/tensorrt.py"):
+                     "toolchain/kit/templates/latency_table.py", "toolchain/kit/templates/README.md",
+                     "toolchain/backends/tensorrt.py"):
         assert required in names, f"{required} missing from the wheel"
     entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "build-edge = toolchain.cli:main" in entry_points and "bench-edge = toolchain.cli:bench_main" in entry_points

@@ -87,7 +87,7 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
                             f"shapes this model needs (e.g. {missing[0].key()}); measure them on the device with "
                             "the kit of a bundle built with this grid (bench_on_device.py --latency-table)")
     else:
-        table = _measure(inputs, dense, shape, specs, progress_bar)
+        table = _measure(inputs, dense, shape, specs, [t.dense for t in terms], progress_bar)
     if not table.dense_ms:
         table.dense_ms = table.predict(terms, {})
     if inputs.device_table and not table.overhead_ms:
@@ -99,7 +99,7 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
                   table.measured_on)
 
 
-def _measure(inputs: Inputs, dense, shape, specs, progress_bar) -> LatencyTable:
+def _measure(inputs: Inputs, dense, shape, specs, dense_specs, progress_bar) -> LatencyTable:
     target = inputs.target
     if inputs.backend == "roofline":
         from toolchain.roofline import BYTES_PER_ELEMENT, estimate
@@ -127,16 +127,11 @@ def _measure(inputs: Inputs, dense, shape, specs, progress_bar) -> LatencyTable:
         entries = measure_entries(specs, timer, bar.advance)
     table = LatencyTable(target["name"], inputs.backend, inputs.precision, inputs.batch, inputs.threads,
                          kind, entries, 0.0, dense_ms, measured_on, inputs.levels)
-    dense_specs = _dense_specs(dense, shape)
     if kind == "measured":  # convs timed alone vs in the network: calibrate on the dense model (fit_weight_stream)
         fit_weight_stream(table, dense_specs, dense_ms)
     else:
         table.overhead_ms = max(0.0, dense_ms - sum(table.ms(s) for s in dense_specs))
     return table
-
-
-def _dense_specs(dense, shape):
-    return [t.dense for t in conv_terms(dense, shape, [])]
 
 
 def _dense_ms(dense, shape, inputs: Inputs) -> float:

@@ -318,14 +318,14 @@ def test_couplings_with_a_cycle_fall_back_to_iterated_knapsacks_and_meet_the_bud
 
 def test_a_build_with_a_latency_budget_reports_predicted_against_measured(tmp_path, capsys, monkeypatch):
     """End to end on the host: the table is measured (x86-cpu), the bundle holds it, and the manifest and report
-    put the prediction beside the bench stage's measurement."""
+    put the prediction beside the bench stage's measurement; a second build with another budget reuses the table."""
     from tests.test_cli import TINY, _run_cli
 
     monkeypatch.setenv("BUILD_EDGE_HOME", str(tmp_path / "home"))
-    code, _, err = _run_cli([*TINY, "--out", str(tmp_path), "--run-name", "lat", "--criterion", "l1",
-                             "--compensation", "none", "--target", "x86-cpu", "--budget", "latency=0.75x",
-                             "--latency-levels", "2", "--finetune-epochs", "0", "--bench-runs", "5",
-                             "--calibration-samples", "32", "--opset", "17"], capsys)
+    args = [*TINY, "--out", str(tmp_path), "--criterion", "l1", "--compensation", "none", "--target", "x86-cpu",
+            "--budget", "latency=0.75x", "--latency-levels", "2", "--finetune-epochs", "0", "--bench-runs", "5",
+            "--calibration-samples", "32", "--opset", "17"]
+    code, _, err = _run_cli([*args, "--run-name", "lat"], capsys)
     assert code == 0, err
     bundle = tmp_path / "lat"
     table = LatencyTable.load(bundle / "latency_table.json")
@@ -340,6 +340,21 @@ def test_a_build_with_a_latency_budget_reports_predicted_against_measured(tmp_pa
     assert lb["measured_ms"] > 0 and lb["measured_dense_ms"] > 0
     report = (bundle / "report.md").read_text()
     assert "## Latency budget" in report and f"{lb['predicted_ms']:.3f}" in report
+
+    # another budget on the same target reuses the cached table: nothing is timed again, the bundle holds the same
+    import toolchain.stages.latency as latency_stage
+
+    def measure_again(*_a, **_k):
+        raise AssertionError("the latency table was measured again")
+
+    monkeypatch.setattr(latency_stage, "_measure", measure_again)
+    code, _, err = _run_cli([*args[:args.index("--budget") + 1], "latency=0.6x",
+                             *args[args.index("--budget") + 2:], "--run-name", "lat2"], capsys)
+    assert code == 0, err
+    again = LatencyTable.load(tmp_path / "lat2" / "latency_table.json")
+    assert again.entries == table.entries and again.dense_ms == table.dense_ms
+    lb2 = json.loads((tmp_path / "lat2" / "manifest.json").read_text())["metrics"]["latency_budget"]
+    assert lb2["budget_ms"] == pytest.approx(0.6 * table.dense_ms)
 
 
 def test_the_budget_is_aimed_by_what_the_pruned_model_measures():

@@ -8,8 +8,8 @@ VGG16 baseline, for each budget (default 0.5x and 0.25x of the dense ONNX Runtim
    stage's allocation), the latency the bench stage measures (ORT p50, batch 1), one-shot top-1 on the
    full test split;
 2. the FLOPs budget whose allocation measures that same latency: bisection on the fraction, each probe
-   allocating (the cached sensitivity), pruning, exporting and timing the model as the table was timed
-   (``toolchain.latency.time_backend``; no accuracy);
+   allocating (the cached sensitivity), pruning, exporting and timing the model as the closed loop and the
+   bench stage time it (``toolchain.latency.measure_model``; no accuracy);
 3. ``build-edge --budget flops=F`` with that fraction: its measured latency and one-shot top-1.
 
 Runs share one ``--out``, so the baseline, ranking, sensitivity and latency table are computed once.
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,13 +40,12 @@ from toolchain.allocation import allocate  # noqa: E402
 from toolchain.cli import config_argv  # noqa: E402
 from toolchain.config import Config, validate  # noqa: E402
 from toolchain.cost import CostModel  # noqa: E402
-from toolchain.latency import time_backend  # noqa: E402
+from toolchain.latency import measure_model  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
 from toolchain.pipeline import preflight, run_pipeline, stage_inputs  # noqa: E402
 from toolchain.ranking.cutoffs import Budget  # noqa: E402
 from toolchain.stages import prune, rank  # noqa: E402
 from toolchain.stages.base import digest_of  # noqa: E402
-from toolchain.stages.export import export_onnx  # noqa: E402
 
 CHECKPOINT = "../shared/models/vgg16_bn_cifar10.pt"  # relative to ROOT, as the study names it: the same stage keys
 PROFILE = "base: x86-cpu\nname: x86-cpu-1t\nthreads: 1\ndescription: x86-64 host CPU held to 1 thread\n"
@@ -108,11 +106,7 @@ def flops_prober(cfg: Config, threads: int):
             counts, _ = allocate(layers, sens, Budget("flops", fraction), members=cost.member_terms("flops"))
             kept = prune.kept_indices(rankings, counts)
             pruned, _ = prune.prune_model(copy.deepcopy(dense), example, kept)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "m.onnx"
-                export_onnx(pruned, (3, 32, 32), path, opset=17)
-                cache[fraction] = time_backend("onnxruntime", str(path), (1, 3, 32, 32), threads, runs=200,
-                                               min_seconds=1.0)
+            cache[fraction] = measure_model(pruned, (3, 32, 32), "onnxruntime", threads)
         return cache[fraction]
 
     return probe, cache

@@ -151,3 +151,29 @@ def test_the_sensitivity_is_measured_once_for_every_budget(tmp_path, monkeypatch
     assert info["sensitivity_cached"] and info["sensitivity"] == measured
     assert second == allocation.allocate(layers, measured, Budget("flops", 0.3))[0]
     assert sum(second.values()) < sum(first.values())
+
+
+def test_a_protected_layer_stays_whole_and_the_others_meet_the_budget(tmp_path):
+    """--protect under --budget: the allocator may not cut the layer (here the cheapest to cut, so an unprotected
+    allocation cuts it) and the other layers take the whole cut; the cached sensitivity stays every layer's."""
+    import toolchain.allocation as allocation
+
+    dense = _redundant_tiny()
+    example = torch.zeros(2, 3, 8, 8)
+    layers = find_prunable_layers(dense, example)
+    first = layers[0].name
+    sensitivity = {layer.name: [[1.0, 0.0], [0.75, 0.0 if layer.name == first else 0.1],
+                                [0.5, 0.0 if layer.name == first else 0.3], [0.25, 0.0 if layer.name == first else 1.0]]
+                   for layer in layers}
+    cache = tmp_path / "sensitivity.json"
+    cache.write_text(json.dumps(sensitivity))
+    rankings = {layer.name: None for layer in layers}  # read only when measuring: the cache has it
+    images = torch.zeros(4, 3, 8, 8)
+    args = (dense, layers, rankings, example, images, images, Budget("flops", 0.7))
+    free, _ = allocation.allocate_for_budget(*args, compensation=True, cache=cache)
+    assert free[first] < layers[0].channels
+    counts, info = allocation.allocate_for_budget(*args, compensation=True, cache=cache, fixed=[first])
+    assert counts[first] == layers[0].channels
+    assert 0.6 < info["cost"] <= 0.7 + 1e-9 and info["sensitivity"] == sensitivity
+    assert all(counts[layer.name] <= free[layer.name] for layer in layers[1:])
+    assert counts != free

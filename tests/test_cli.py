@@ -210,6 +210,12 @@ def test_unknown_yaml_option(tmp_path, capsys):
     (["--fold", "sometimes"], "fold must be"),
     (["--compensation", "magic"], "compensation must be"),
     (["--compensation-samples", "0"], "compensation_samples"),
+    (["--protect", "features.99"], "matches no prunable layer of vgg11_bn_half; its prunable layers: features.0,"),
+    (["--protect", "classifier*"], "'classifier*' matches no prunable layer"),
+    (["--protect", "none,stem"], "none stands alone"),
+    (["--protect", "features.0", "--keep", "features.0=0.5"], "keep names protected layer(s) features.0"),
+    (["--num-classes", "0"], "num_classes must be >= 1"),
+    (["--num-classes", "1000"], "without a checkpoint vgg11_bn_half is built for the data's 10 classes"),
 ])
 def test_invalid_flag_values(tmp_path, capsys, args, needle):
     _assert_refused(tmp_path, capsys, [*TINY, *args], needle)

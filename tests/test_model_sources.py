@@ -110,6 +110,53 @@ def test_a_torchvision_imagenet_checkpoint_loads_however_it_is_wrapped(tmp_path)
     assert "\n" not in str(e.value)
 
 
+def test_the_head_is_replaced_where_the_model_keeps_it():
+    """torchvision keeps it as the last Linear, in a Sequential or as an attribute; timm models reset it; the
+    result is the model the name builds for the new classes (what later stages and the bundle rebuild)."""
+    from toolchain.models import replace_head
+    from toolchain.stages.baseline import model_with_new_head
+
+    for name, head in [("torchvision:mobilenet_v2", "classifier.1"), ("torchvision:resnet18", "fc")]:
+        torch.manual_seed(0)
+        state = create_model(name, num_classes=1000).state_dict()
+        model = model_with_new_head(name, state, 1000, 3)
+        assert dict(model.named_modules())[head].out_features == 3, name
+        want = create_model(name, num_classes=3).state_dict()
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in want.items()}
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if not k.startswith(head))
+
+    class TimmLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 1000)
+
+        def reset_classifier(self, num_classes):
+            self.head = nn.Linear(4, num_classes)
+
+    assert replace_head(TimmLike(), "timm:x", head_classes=1000, num_classes=3).head.out_features == 3
+    with pytest.raises(UserError, match="model tv:squeeze: no classifier to replace") as e:
+        replace_head(nn.Sequential(nn.Conv2d(3, 1000, 1)), "tv:squeeze", head_classes=1000, num_classes=3)
+    assert "\n" not in str(e.value)
+
+
+def test_a_head_that_does_not_give_the_models_own_layout_is_refused(user_module):
+    """A factory whose head is not only its last Linear: replacing it would not give what the model string
+    rebuilds for the data's classes, so the bundle could not be loaded; refused up front."""
+    from toolchain.stages.baseline import model_with_new_head
+
+    (user_module / "two_heads.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def two(num_classes=10):
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, num_classes), nn.Linear(num_classes, num_classes))
+    """))
+    state = create_model("two_heads:two", num_classes=7).state_dict()
+    with pytest.raises(UserError, match="is not the model it builds for 3 classes"):
+        model_with_new_head("two_heads:two", state, 7, 3)
+    sys.modules.pop("two_heads", None)
+
+
 def test_a_prefix_the_model_itself_has_is_kept(tmp_path):
     class Wrapper(nn.Module):  # every key of this model starts with "model."
         def __init__(self):
@@ -201,10 +248,61 @@ def test_a_torchvision_mobilenet_on_an_imagefolder_gives_a_valid_bundle(tmp_path
     assert manifest["config"]["model"] == "torchvision:mobilenet_v2"
     assert manifest["data"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # ImageNet, as torchvision trains
     arch = json.loads((bundle / "architecture.json").read_text())
-    assert arch["kept_counts"] and all(k < arch["channels"][n] for n, k in arch["kept_counts"].items())
+    assert arch["protected"] == ["features.0.0"]  # the stem, kept whole by default (--protect auto)
+    assert arch["kept_counts"]["features.0.0"] == arch["channels"]["features.0.0"] == 32
+    assert all(k < arch["channels"][n] for n, k in arch["kept_counts"].items() if n != "features.0.0")
     model = load_pruned_model(bundle)
     assert isinstance(model, torchvision.models.MobileNetV2)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_an_imagenet_checkpoint_gets_a_new_head_and_is_trained_for_the_data(tmp_path, capsys):
+    """--num-classes 1000: a torchvision ImageNet checkpoint brought to a 3-class image folder loads into the
+    1000-class model, gets a 3-class head and is trained from there; the bundle holds the 3-class model and loads
+    in a fresh process. Without the flag the run stops before any work, naming the head."""
+    from toolchain.cli import main
+    from toolchain.util import sha256_file
+
+    _digits_imagefolder(tmp_path / "data")
+    torch.manual_seed(123)  # not the run's seed: a model trained from scratch would not start from these weights
+    state = torchvision.models.resnet18().state_dict()  # the ImageNet layout: 7x7 stem, 1000 classes
+    torch.save({"model": state, "epoch": 90}, tmp_path / "imagenet.pt")
+    out = tmp_path / "runs"
+    argv = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--model", "torchvision:resnet18",
+            "--checkpoint", str(tmp_path / "imagenet.pt"), "--image-size", "32", "--baseline-epochs", "1",
+            "--finetune-epochs", "1", "--batch-size", "12", "--criterion", "l1", "--keep-ratio", "0.5",
+            "--compensation", "none", "--bn-recalibration", "24", "--calibration-samples", "8",
+            "--bench-runs", "5", "--bench-batch-sizes", "1", "--out", str(out), "--run-name", "r18", "--quiet",
+            "--opset", "17"]  # no refit: 100 s of resnet18 forward passes here; the mobilenet run above refits
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "fc.weight: (1000, 512) vs (3, 512)" in err[0] and "--num-classes 1000" in err[0], err
+    assert not out.exists()
+
+    code = main([*argv, "--num-classes", "1000"])
+    assert code == 0, capsys.readouterr().err
+    bundle = out / "r18"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(bundle / rel) == digest, rel
+    assert manifest["config"]["num_classes"] == 1000 and manifest["data"]["classes"] == ["digit0", "digit1", "digit2"]
+    arch = json.loads((bundle / "architecture.json").read_text())
+    assert arch["num_classes"] == 3 and arch["protected"] == []  # resnet18's stem is a residual stream: cut
+    baseline = out / ".work" / manifest["stages"]["baseline"]
+    assert "1000-class head replaced and trained" in json.loads((baseline / "done.json").read_text())["source"]
+    dense = torch.load(baseline / "model.pt", weights_only=True)
+    assert dense["fc.weight"].shape == (3, 512)
+    assert not torch.equal(dense["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"])  # trained
+    moved = (dense["layer4.1.conv2.weight"] - state["layer4.1.conv2.weight"]).norm()
+    assert moved < 0.2 * state["layer4.1.conv2.weight"].norm()  # from the checkpoint's weights (a new init: 1.4)
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch; from toolchain.stages.bundle import load_pruned_model; "
+            "m = load_pruned_model(sys.argv[1]); assert type(m).__name__ == 'ResNet' and m.fc.out_features == 3; "
+            "torch.save(m(torch.load(sys.argv[2])).detach(), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(bundle), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert torch.load(tmp_path / "y.pt").shape == (2, 3)
 
 
 def test_cmis_own_budget_over_channel_groups_is_refused_before_any_work(tmp_path, capsys):

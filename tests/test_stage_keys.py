@@ -25,9 +25,11 @@ FIRST = {
     "data_dir": ("some/dir", "baseline"), "normalization": ("imagenet", "baseline"),
     "train_subset": (100, "baseline"), "test_subset": (50, "baseline"), "image_size": (40, "baseline"),
     "batch_size": (64, "baseline"), "model": ("vgg13_bn", "baseline"), "checkpoint": ("CKPT", "baseline"),
+    "num_classes": (10, None),  # the data's classes: the checkpoint's own head (with another, see below)
     "baseline_epochs": (3, "baseline"), "baseline_lr": (0.1, "baseline"),
     "criterion": ("l1", "rank"), "criterion_options": ({"recon_search": "backward"}, "rank"),
     "rank_samples": (64, "rank"), "keep_ratio": (0.3, "prune"), "keep": ({"features.0": 0.5}, "prune"),
+    "protect": ("features.0", "prune"),
     "round_to": (8, "prune"), "budget": ("flops=0.4", "prune"), "latency_source": ("estimate", None),
     "latency_levels": (8, None), "bn_recalibration": (100, "prune"),
     "fold": ("masked", "prune"), "compensation": ("none", "prune"), "compensation_samples": (64, "prune"),
@@ -58,8 +60,10 @@ def _changed(base: dict, field: str, value, tmp_path) -> list[str]:
     before = build_config({}, base)
     after = build_config({}, {**base, field: value})
     pre_before = preflight(before)
-    # preflight checks data folders and checkpoints; what it resolves from the target is re-resolved
-    pre_after = preflight(after) if field in ("target", "precision", "opset", "checkpoint") else pre_before
+    # preflight checks data folders and checkpoints; what it resolves from the target, the checkpoint and the
+    # protected layers is re-resolved
+    pre_after = (preflight(after) if field in ("target", "precision", "opset", "checkpoint", "num_classes", "protect")
+                 else pre_before)
     a, b = _digests(before, pre_before), _digests(after, pre_after)
     return [name for name in ORDER if a[name] != b[name]]
 
@@ -137,5 +141,39 @@ def test_a_stage_input_added_later_keeps_the_old_keys_while_unset():
     assert "latency" not in dataclasses.asdict(inputs) or inputs.latency is None
     from toolchain.stages.base import key_of
 
-    assert "latency" not in key_of(inputs)
+    assert "latency" not in key_of(inputs) and "protect" not in key_of(inputs)
     assert key_of(dataclasses.replace(inputs, latency="d"))["latency"] == "d"
+    assert key_of(dataclasses.replace(inputs, protect=["features.0"]))["protect"] == ["features.0"]
+    from toolchain.stages import baseline
+
+    assert "head_classes" not in key_of(baseline.Inputs(None, "vgg11_bn"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_7_classes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt7") / "vgg11_7.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("vgg11_bn", num_classes=7).state_dict(), path)
+    return str(path)
+
+
+def test_a_checkpoint_whose_head_is_replaced_trains_the_baseline(checkpoint, checkpoint_7_classes, tmp_path):
+    """--num-classes other than the data's: the baseline is trained from the checkpoint with a new head, so the
+    head size and the training recipe are in its key; the data's own count changes nothing."""
+    base = {**BASE, "checkpoint": checkpoint_7_classes, "num_classes": 7}
+    for field in ("baseline_epochs", "baseline_lr", "batch_size", "momentum", "amp"):
+        assert _changed(base, field, FIRST[field][0], tmp_path) == _rerun("baseline"), field
+    cfg = build_config({}, base)
+    pre = preflight(cfg)
+    a, b = _digests(cfg, pre), _digests(dataclasses.replace(cfg, num_classes=5), pre)
+    assert [name for name in ORDER if a[name] != b[name]] == _rerun("baseline")
+    assert _changed({**BASE, "checkpoint": checkpoint}, "num_classes", 10, tmp_path) == []
+
+
+def test_protection_is_in_the_prune_key_only_when_it_protects_a_layer():
+    """Built-in models protect nothing by default (their cached prunes keep their keys); stem protects the
+    first conv, here the same layer as naming it."""
+    assert _changed(dict(BASE), "protect", "none", None) == []
+    assert _changed(dict(BASE), "protect", "stem", None) == _rerun("prune")
+    stem, named = (_digests(build_config({}, {**BASE, "protect": v})) for v in ("stem", "features.0"))
+    assert stem == named

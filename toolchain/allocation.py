@@ -159,13 +159,14 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
                         example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, budget: Budget, *,
                         compensation: bool, round_to: int = 1, seed: int = 0,
                         cache: Path | None = None, latency: LatencyTable | None = None,
-                        measure: Callable[[dict[str, int]], float] | None = None
+                        measure: Callable[[dict[str, int]], float] | None = None, fixed: Sequence[str] = ()
                         ) -> tuple[dict[str, int], dict[str, Any]]:
     """Measure the sensitivity (or read it from `cache`, a JSON file written by an earlier call with the same
     model, rankings, images and settings: it does not depend on the budget), then allocate under `budget`
     (a latency budget: with the knapsack over `latency`, the target's table, ``toolchain.knapsack``; with
     `measure`, counts -> the pruned model's measured ms on this host, the budget is met as measured,
-    ``meet_measured``)."""
+    ``meet_measured``). The `fixed` layers (``--protect``) keep every channel: their sensitivity is read as
+    unmeasured below all channels, so neither allocator cuts them and the budget is met by the other layers."""
     if budget.kind == "latency" and latency is None:
         raise ValueError("allocate_for_budget: a latency budget needs the target's latency table")
     t0 = time.perf_counter()
@@ -177,6 +178,8 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
                                  compensation=compensation, seed=seed)
         if cache is not None:
             atomic_write_json(cache, sens)
+    measured = sens  # every layer's, fixed ones included: the cache serves runs that protect other layers
+    sens = {**sens, **{name: [[1.0, 0.0]] for name in fixed}}  # no count below all channels is allowed
     cost = CostModel.of(dense, tuple(example.shape[1:]), layers)
     if budget.kind == "latency":
         from toolchain.knapsack import allocate_latency
@@ -195,6 +198,6 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
         counts, info = allocate(layers, sens, budget, round_to=round_to, members=cost.member_terms(budget.kind))
         # the budget is over the prunable groups' cost; the whole model's (as reported) from the same cost model
         model_cost = cost.fraction(budget.kind, counts)
-    info.update(model_cost=model_cost, sensitivity=sens, sensitivity_cached=cached,
+    info.update(model_cost=model_cost, sensitivity=measured, sensitivity_cached=cached,
                 seconds=round(time.perf_counter() - t0, 2))
     return counts, info

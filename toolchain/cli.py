@@ -32,8 +32,14 @@ HELP = {
     "checkpoint": "dense model weights (weights-only): a state dict, or a dict holding one under state_dict, "
                   "model, model_state, model_state_dict or ema; a 'module.' prefix is dropped. Without it the "
                   "baseline is trained first",
+    "num_classes": "the classes of the --checkpoint's head when they are not the data's (1000 for an ImageNet "
+                   "checkpoint): it loads with that head, which is replaced by one for the data's classes and "
+                   "trained from the checkpoint with the baseline recipe (--baseline-epochs, --baseline-lr)",
     "criterion": "channel ranking: recon (default), l1, random, bn-scale, taylor, cmi, mipp",
     "keep_ratio": "fraction of channels kept in every prunable layer",
+    "protect": "prunable layers kept whole whatever the ratio or budget: comma list of layer names or fnmatch "
+               "patterns and stem (the first conv, unless its channels are a residual stream), or none, or auto "
+               "(default: stem for torchvision:, timm: and import-path models, none for the built-ins)",
     "round_to": "round kept channel counts up to a multiple of this (default 1; 8 for a latency budget on a GPU "
                 "target with tensor cores)",
     "budget": "global budget for any criterion, e.g. flops=0.4, params=0.2 or channels=0.67 (keep at most that "

@@ -37,6 +37,8 @@ class Config:
     # model and baseline
     model: str = "vgg16_bn"
     checkpoint: str | None = None  # a state dict; without it the baseline is trained first
+    num_classes: int | None = None  # the checkpoint's head size (None: the data's classes); when it differs, the
+    # head is replaced by one for the data's classes and the baseline trained from the checkpoint
     baseline_epochs: int = 30
     baseline_lr: float = 0.05
     # ranking and pruning
@@ -46,6 +48,7 @@ class Config:
     # criterion's own default, 256 (the CMI papers' N) for all of today's)
     keep_ratio: float = 0.5  # uniform fraction of channels kept per layer
     keep: dict[str, float] = field(default_factory=dict)  # per-layer: ratio (<=1) or count (>1)
+    protect: str = "auto"  # layers kept whole: names/fnmatch patterns, stem, none or auto (toolchain.protect)
     round_to: int | None = None  # round kept counts to a multiple; default 1, or 8 for a latency budget on a GPU
     # with tensor cores (pipeline.resolve_round_to)
     budget: str | None = None  # "flops=0.4" / "params=0.2" / "channels=0.67" / "latency=0.5x" / "latency=12ms":
@@ -180,7 +183,7 @@ def validate(cfg: Config) -> None:
     for name, value in cfg.keep.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise UserError(f"keep[{name!r}] must be a ratio in (0, 1] or a channel count >= 1")
-    positive = ("batch_size", "rank_samples", "round_to", "latency_levels", "bench_runs", "image_size",
+    positive = ("batch_size", "num_classes", "rank_samples", "round_to", "latency_levels", "bench_runs", "image_size",
                 "calibration_samples", "compensation_samples")
     for name in positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
@@ -223,6 +226,9 @@ def validate(cfg: Config) -> None:
         parse_budget(cfg.budget)
         if cfg.keep:
             raise UserError("keep (per-layer counts) and budget are exclusive: the budget chooses every layer's count")
+    from toolchain.protect import check_spec
+
+    check_spec(cfg.protect)
     if cfg.latency_source not in ("auto", "host", "estimate"):
         raise UserError(f"latency_source must be auto, host or estimate, got {cfg.latency_source!r}")
     if cfg.fold not in ("none", "masked"):

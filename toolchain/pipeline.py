@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from toolchain import protect
 from toolchain.config import OPSET_DEFAULT, Config
 from toolchain.data import SOURCES as DATA_SOURCES
 from toolchain.data import DataSpec, count_classes
@@ -47,6 +48,7 @@ class Preflight:
     checkpoint: dict[str, torch.Tensor] | None
     num_classes: int
     opset: int  # the ONNX opset to export: --opset, or the default within the target's limit
+    protected: tuple[str, ...] = ()  # prunable layers kept whole (--protect, resolved against the model)
 
 
 def preflight(cfg: Config) -> Preflight:
@@ -76,7 +78,13 @@ def preflight(cfg: Config) -> Preflight:
         raise UserError(f"{cfg.data_dir}/train has no class folders")
     state = None
     if cfg.checkpoint:
-        state = baseline.read_checkpoint(cfg.checkpoint, cfg.model, num_classes)
+        head = new_head(cfg, num_classes)
+        state = baseline.read_checkpoint(cfg.checkpoint, cfg.model, head or num_classes)
+        if head:
+            baseline.model_with_new_head(cfg.model, state, head, num_classes)
+    elif cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise UserError(f"num_classes {cfg.num_classes} is the head size of a --checkpoint's model; without a "
+                        f"checkpoint {cfg.model} is built for the data's {num_classes} classes (leave it out)")
     model = create_model(cfg.model, num_classes=num_classes).eval()
     example = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
     try:
@@ -98,8 +106,24 @@ def preflight(cfg: Config) -> Preflight:
         if unknown:
             raise UserError(f"keep: unknown layer(s) {', '.join(unknown)}; prunable layers of {cfg.model}: "
                             f"{', '.join(sorted(names))}")
+    protected = tuple(protect.resolve(cfg.protect, cfg.model, model, example, layers))
+    both = sorted(set(cfg.keep) & set(protected))
+    if both:
+        raise UserError(f"keep names protected layer(s) {', '.join(both)} (--protect {cfg.protect}); protected "
+                        f"layers keep every channel: leave them out of --protect (--protect none) or of --keep")
+    if cfg.criterion_options.get("budget") and protected:
+        raise UserError(f"the cmi option budget does not know protected layers ({', '.join(protected)}); use "
+                        "--budget, or --protect none")
     _check_latency_source(cfg, target, precision)
-    return Preflight(target, precision, device, state, num_classes, opset)
+    return Preflight(target, precision, device, state, num_classes, opset, protected)
+
+
+def new_head(cfg: Config, data_classes: int) -> int | None:
+    """The checkpoint's head size when a new head for the data's classes is trained from it (``--num-classes``
+    given with a checkpoint and not the data's class count), else None."""
+    if cfg.checkpoint and cfg.num_classes is not None and cfg.num_classes != data_classes:
+        return cfg.num_classes
+    return None
 
 
 def _check_latency_source(cfg: Config, target: TargetProfile, precision: str) -> None:
@@ -234,10 +258,11 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
     timed = budget is not None and budget.kind == "latency"
     round_to = resolve_round_to(cfg.round_to, target, timed)
     reads_ratio = getattr(CRITERIA.get(cfg.criterion), "reads_keep_ratio", False)
+    head = new_head(cfg, pre.num_classes)
     return {
         "baseline": add(baseline, baseline.Inputs(
             data, cfg.model, cfg.checkpoint, sha256_file(Path(cfg.checkpoint)) if cfg.checkpoint else None,
-            None if cfg.checkpoint else training)),
+            None if cfg.checkpoint and not head else training, head_classes=head)),
         "rank": add(rank, rank.Inputs(digest["baseline"], cfg.model, cfg.criterion,
                                       cfg.rank_samples or default_samples(cfg.criterion), cfg.seed,
                                       dict(cfg.criterion_options), at_init, cfg.keep_ratio if reads_ratio else None)),
@@ -245,7 +270,7 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
         "prune": add(prune, prune.Inputs(
             digest["rank"], digest["baseline"], cfg.model, cfg.seed, cfg.keep_ratio, dict(cfg.keep), round_to,
             cfg.budget, cfg.bn_recalibration, cfg.fold, compensation,
-            cfg.compensation_samples, at_init, digest.get("latency"))),
+            cfg.compensation_samples, at_init, digest.get("latency"), list(pre.protected) or None)),
         "finetune": add(finetune, finetune.Inputs(
             digest["prune"], digest["baseline"], cfg.model, *((cfg.baseline_epochs, cfg.baseline_lr) if at_init
                                                               else (cfg.finetune_epochs, cfg.lr)),

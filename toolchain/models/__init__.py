@@ -10,7 +10,10 @@ bundle records it, ``load_pruned_model`` reads it back):
 - ``package.module:factory``: an import path to a function returning an ``nn.Module``, called with
   ``num_classes`` when its signature takes it.
 
-Weights never download here: a user's pretrained weights come in through ``--checkpoint``.
+Weights never download here: a user's pretrained weights come in through ``--checkpoint``. When its
+head was trained for other classes (``--num-classes``: an ImageNet checkpoint brought to 10 classes),
+the model is built with that head so the checkpoint loads weights-only, and ``replace_head`` swaps
+it for a fresh one with the data's classes; the baseline stage then trains it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,26 @@ def default_normalization(name: str) -> str:
     """The normalisation ``--normalization auto`` means for model `name`: ImageNet statistics for
     torchvision and timm models (what their weights were trained with), else the dataset's own."""
     return "imagenet" if name.partition(":")[0] in IMAGENET_SOURCES and ":" in name else "auto"
+
+
+def replace_head(model: nn.Module, name: str, *, head_classes: int, num_classes: int) -> nn.Module:
+    """Swap `model`'s `head_classes`-way classifier for a fresh `num_classes`-way one, in place: timm's
+    ``reset_classifier``, else the last ``nn.Linear`` with `head_classes` outputs, replaced in its parent."""
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset):
+        reset(num_classes)
+        return model
+    heads = [(path, m) for path, m in model.named_modules()
+             if path and isinstance(m, nn.Linear) and m.out_features == head_classes]
+    if not heads:
+        raise UserError(f"model {name}: no classifier to replace (no nn.Linear with {head_classes} outputs, "
+                        f"--num-classes); save the checkpoint with a head for the data's {num_classes} classes")
+    path, old = heads[-1]
+    parent, _, attr = path.rpartition(".")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
 
 
 @SOURCES.register("torchvision")

@@ -36,6 +36,7 @@ class PrunableLayer:
     # outputs are added to its own (a residual stream); `member_bns` their BatchNorms
     members: list[str] = field(default_factory=list)
     member_bns: list[str] = field(default_factory=list)
+    residual: bool = False  # a residual stream: other convs' outputs are added to these channels
     # post-BN activation applied when capturing feature maps (ReLU for VGG/ResNet)
     activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu
 

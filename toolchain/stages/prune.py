@@ -6,7 +6,8 @@ conv it feeds (MobileNet, EfficientNet) and the convs whose outputs are added to
 residual stream: the stem or a downsample with the last conv of every block); the group is
 named after its first conv in execution order and cut as one. The consumers' matching inputs
 go with it. Not prunable: channels a linear layer outputs (the classifier) or that a member
-numbers differently (a concatenation).
+numbers differently (a concatenation). Protected layers (``--protect``, ``toolchain.protect``: by
+default the stem of torchvision, timm and import-path models) are prunable but keep every channel.
 
 Plain removal is the default: the channel, its BN entries and the consumers' matching inputs
 go, nothing else changes. The reference for a cut is the dense model, and the compensation
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,26 +124,29 @@ def find_prunable_layers(model: nn.Module, example: torch.Tensor,
         group = _channel_group(graph, conv, names)
         if group is None:
             continue
-        bn_name, consumers, members, member_bns = group
+        bn_name, consumers, members, member_bns, residual = group
         cut.update(members)
         ho, wo = shapes[name]
         kh, kw = conv.kernel_size
         flops = 2.0 * conv.out_channels * ho * wo * conv.in_channels * kh * kw
         layers.append(PrunableLayer(name=name, conv=conv, bn_name=bn_name, channels=conv.out_channels,
                                     flops=flops, out_hw=(ho, wo), consumers=consumers, members=members,
-                                    member_bns=member_bns))
+                                    member_bns=member_bns, residual=residual))
     return layers
 
 
 def _channel_group(graph: tp.DependencyGraph, conv: nn.Conv2d, names: dict[nn.Module, str]
-                   ) -> tuple[str | None, list[str], list[str], list[str]] | None:
-    """(its BN, consumers, members, members' BNs) of the channels `conv` outputs, or None when they cannot be
-    cut here: a linear layer's outputs are among them (the classifier), a member numbers them differently
-    (a concatenation), or nothing consumes them."""
+                   ) -> tuple[str | None, list[str], list[str], list[str], bool] | None:
+    """(its BN, consumers, members, members' BNs, whether other convs' outputs are added to them) of the channels
+    `conv` outputs, or None when they cannot be cut here: a linear layer's outputs are among them (the
+    classifier), a member numbers them differently (a concatenation), or nothing consumes them."""
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
     bns, consumers, members = [], [], []
+    residual = False
     for dep, _ in group.items:
         target = dep.target.module
+        if isinstance(target, tp.ops._ElementWiseOp) and len(dep.target.inputs) > 1:
+            residual = residual or str(target._grad_fn).startswith(("Add", "Sub"))  # two streams summed (not x + 3)
         if target is conv or not isinstance(target, nn.Module):
             continue
         if graph.is_out_channel_pruning_fn(dep.handler):
@@ -159,7 +164,7 @@ def _channel_group(graph: tp.DependencyGraph, conv: nn.Conv2d, names: dict[nn.Mo
     own = next((bn for bn in bns if any(n.module is conv for n in graph.module2node[bn].inputs)), None)
     own = own or (bns[0] if bns else None)
     return (names[own] if own is not None else None, consumers, members,
-            [names[bn] for bn in bns if bn is not own])
+            [names[bn] for bn in bns if bn is not own], residual)
 
 
 def group_owners(layers: list[PrunableLayer]) -> dict[str, str]:
@@ -168,8 +173,10 @@ def group_owners(layers: list[PrunableLayer]) -> dict[str, str]:
 
 
 def resolve_keep_counts(layers: list[PrunableLayer], rankings: dict[str, LayerRanking], *, keep_ratio: float,
-                        per_layer: dict[str, float], round_to: int = 1) -> dict[str, int]:
-    """Kept channels per layer: the per-layer map, else the criterion's own count, else the ratio."""
+                        per_layer: dict[str, float], round_to: int = 1, protected: Sequence[str] = ()
+                        ) -> dict[str, int]:
+    """Kept channels per layer: all of a protected layer's (``--protect``), else the per-layer map, else the
+    criterion's own count, else the ratio."""
     from toolchain.errors import UserError
 
     valid = {layer.name for layer in layers}
@@ -179,6 +186,9 @@ def resolve_keep_counts(layers: list[PrunableLayer], rankings: dict[str, LayerRa
     counts = {}
     for layer in layers:
         c = layer.channels
+        if layer.name in protected:
+            counts[layer.name] = c
+            continue
         if layer.name in per_layer:
             v = per_layer[layer.name]
             k = round(v * c) if v <= 1 else int(v)
@@ -354,6 +364,8 @@ class Inputs:
     compensation_samples: int = 2048  # also the images a budget's sensitivity probes re-estimate BN on
     at_init: bool = False
     latency: str | None = field(default=None, metadata=OMIT_IF_NONE)  # the latency stage's digest (latency budget)
+    # layers kept whole (--protect, resolved in preflight); None when there are none, so earlier keys stay
+    protect: list[str] | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass
@@ -404,12 +416,12 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
             source.to(device), layers, rankings, example.to(device), probe, fit_images[:128],
             parse_budget(inputs.budget), compensation=compensating, round_to=inputs.round_to, seed=seed,
             cache=sensitivity / "sensitivity.json", latency=table,
-            measure=_host_measure(table, source, example, rankings, data.input_shape))
+            measure=_host_measure(table, source, example, rankings, data.input_shape), fixed=inputs.protect or ())
         extra["sensitivity"] = sensitivity.name
         source.cpu()
     else:
         counts = resolve_keep_counts(layers, rankings, keep_ratio=inputs.keep_ratio, per_layer=inputs.keep,
-                                     round_to=inputs.round_to)
+                                     round_to=inputs.round_to, protected=inputs.protect or ())
     kept = kept_indices(rankings, counts)
     pruned, record = prune_model(source, example, kept, fold=inputs.fold == "masked")
     flops_d, params_d = count_flops_params(dense, data.input_shape)
@@ -432,7 +444,8 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
         extra["compensation"] = report.to_json()
     atomic_torch_save(pruned.cpu().state_dict(), folder / "pruned.pt")
     atomic_write_json(folder / "architecture.json", {"model": inputs.model, "num_classes": data.num_classes,
-                                                     "input_shape": list(data.input_shape), **record.to_json()})
+                                                     "input_shape": list(data.input_shape), **record.to_json(),
+                                                     "protected": list(inputs.protect or [])})
     return Result(flops_dense=flops_d, flops_pruned=flops_p, params_dense=params_d, params_pruned=params_p,
                   acc_pruned=acc_raw, acc_pruned_bn_recalibrated=acc_bn, acc_oneshot=acc_oneshot,
                   bn_images=recalibrated, kept_counts=counts,

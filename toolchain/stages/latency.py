@@ -52,9 +52,9 @@ class Inputs:
     device_table_sha256: str | None = None  # ... and its content, which is what keys it
     runs: int = 15  # timed calls per conv
     # how whole models are timed (the dense model here, the pruned candidates in the prune stage's closed loop):
-    # "bench" = the deployed export through the bench stage's child process (``latency.measure_model``); tables
-    # keyed before it timed an in-process export and are measured again
-    model_timing: str = "bench"
+    # "bench-median" = the deployed export through the bench stage's child process, median of 3 processes
+    # (``latency.measure_model``); tables keyed before timed an in-process export and are measured again
+    model_timing: str = "bench-median"
 
 
 @dataclass

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolchain.allocation import allocate  # noqa: E402
-from toolchain.backends.base import benchmark  # noqa: E402
+from toolchain.backends.base import benchmark, cpu_name  # noqa: E402
 from toolchain.cli import config_argv  # noqa: E402
 from toolchain.config import Config, validate  # noqa: E402
 from toolchain.cost import CostModel  # noqa: E402
@@ -205,7 +205,7 @@ def write_docs(docs: Path, rows: list[dict], base: Config) -> None:
     import matplotlib.pyplot as plt
 
     docs.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores"
     (docs / "results.json").write_text(json.dumps({"machine": machine, "runs": rows}, indent=1, default=str))
     lines = ["# Latency budgets on the host (x86-cpu, ONNX Runtime, 1 thread, batch 1)", "",
              "Produced by `.venv/bin/python benchmarks/bench_latency_budget.py` on " + machine + "; the shared "
@@ -246,7 +246,9 @@ def write_docs(docs: Path, rows: list[dict], base: Config) -> None:
         ys = [r["dense_remeasured"]["median"] / r["remeasured" if key == "latency" else "flops_remeasured"]["median"]
               for r in rows]
         ax.scatter(xs, ys, marker=marker, label=label)
-    xs = sorted(float(k) for r in rows for k in r["probes"])
+    ends = [float(k) for r in rows for k in r["probes"]] + [r[f"{k}_flops_ratio"] for r in rows for k in ("latency",
+                                                                                                          "flops")]
+    xs = [min(ends) + (max(ends) - min(ends)) * i / 99 for i in range(100)]
     ax.plot(xs, [1 / x for x in xs], ":", color="gray", label="1 / FLOPs fraction")
     ax.set_xlabel("FLOPs kept (fraction of dense)")
     ax.set_ylabel("measured speed-up (ORT, 1 thread, batch 1)")

@@ -56,25 +56,17 @@ def check_spec(spec: str) -> None:
 def stem(model: nn.Module, example: torch.Tensor, layers: Sequence[PrunableLayer]) -> str | None:
     """The prunable layer the stem is (module docstring), or None: the first conv run on `example` reads the
     image, owns a prunable group and that group is not a residual stream."""
-    import torch
     from torch import nn
 
-    first: list[nn.Module] = []
+    from toolchain.compensation import consumer_order
 
-    def hook(module, _args):
-        if not first:
-            first.append(module)
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    modes = {m: m.training for m in model.modules()}
+    modes = {m: m.training for m in model.modules()}  # consumer_order runs the model in eval mode
     try:
-        with torch.no_grad():
-            model.eval()(example[:1])
+        convs = consumer_order(model, example, {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)})
     finally:
-        for h in handles:
-            h.remove()
         for m, training in modes.items():
             m.training = training
+    first = [model.get_submodule(convs[0])] if convs else []
     if not first or first[0].in_channels != example.shape[1]:
         return None
     layer = next((layer for layer in layers if layer.conv is first[0]), None)

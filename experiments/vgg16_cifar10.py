@@ -567,8 +567,13 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
     dense = next((r["acc_dense"] for r in ok), None)
     test_images = next((r["test_images"] for r in ok), None)
     baseline = cfg["checkpoint"] or f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']})"
+    # a study stopped before its end says which planned runs it has not reached, not "n of n"
+    planned = summary.get("planned") or [r["name"] for r in rows]
+    pending = [name for name in planned if name not in {r["name"] for r in rows}]
     lines = [f"# {cfg['model']} on {cfg['dataset']}: do pruned models keep their accuracy?", "",
-             f"{len(ok)} of {len(rows)} runs finished; dense top-1 {_pct(dense)} on {test_images} test images. "
+             f"{len(ok)} of {len(planned)} planned runs finished"
+             + (f" (not run yet: {', '.join(pending)})" if pending else "")
+             + f"; dense top-1 {_pct(dense)} on {test_images} test images. "
              f"Written by `experiments/vgg16_cifar10.py` from the bundles' manifests; see `docs/STUDY.md`.", ""]
     lines += ["## What it shows", "", *(f"- {line}" for line in headline_findings(rows)), ""]
     lines += ["## Results", ""]
@@ -818,6 +823,7 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
     # headline: the baselines match the first budget's FLOPs and run right after it (the comparison first)
     headline = args.plan == "headline"
     first, rest = (primaries[:1], primaries[1:]) if headline else (primaries, [])
+    summary["planned"] = [v.name for v in primaries]  # the baselines join once their keep ratios are known
     plan_total = len(primaries)
     for i, v in enumerate(first, 1):
         log.info("study %d/%d+: %s (%s)", i, plan_total, v.name, _distill_tag(v.cfg.distill))
@@ -838,6 +844,7 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
         baselines = baseline_plan(base, levels, criteria=criteria, distill=distill,
                                   ratio_for=lambda f: matched_keep_ratio(flops, f), predict=flops.fraction,
                                   quick=args.quick)
+    summary["planned"] = [v.name for v in (*first, *baselines, *rest)]
     for i, v in enumerate(baselines, 1):
         log.info("study baseline %d/%d: %s (%s) for %s", i, len(baselines), v.name, _distill_tag(v.cfg.distill),
                  v.level)

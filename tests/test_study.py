@@ -153,6 +153,13 @@ def test_headline_outputs_come_from_the_rows(study, tmp_path):
     assert "89.51%" in md and "+0.22 pt vs the dense 89.29%" in md  # findings from the numbers
     assert "recon flops=0.4 vs l1 @0.632" in md and "+0.50 pt after the same fine-tune" in md
     assert "HRankPlus" in md and written["plot"].stat().st_size > 10_000
+    assert "2 of 2 planned runs finished;" in md
+
+    # a study stopped before its last planned run says so instead of "2 of 2"
+    stopped = study.write_outputs(tmp_path / "stopped", tmp_path / "work",
+                                  {**summary, "planned": ["recon flops=0.4", "l1 @0.632", "recon flops=0.2"]},
+                                  [row, l1], [])
+    assert "2 of 3 planned runs finished (not run yet: recon flops=0.2);" in stopped["md"].read_text()
 
 
 class _SmallCNN(torch.nn.Module):

@@ -529,18 +529,22 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
-    colours = {"budget": "tab:blue", "baseline": "tab:orange"}
+    # one colour per criterion (the baselines differ from each other too); the matched baselines sit at the
+    # budget's FLOPs, so their labels go to the left of the points and the budget runs' to the right
+    palette = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:gray"]
+    colours: dict[str, str] = {}
     for r in ok:
-        x, c = 100 * r["flops_ratio"], colours.get(r["group"], "tab:gray")
+        c = colours.setdefault(r.get("criterion") or r["name"], palette[len(colours) % len(palette)])
+        x = 100 * r["flops_ratio"]
+        side = {"xytext": (-5, 3), "ha": "right"} if r["group"] == "baseline" else {"xytext": (5, 3), "ha": "left"}
         left.scatter([x], [100 * r["acc_finetuned"]], color=c, zorder=3)
         if r.get("acc_oneshot") is not None:
             left.scatter([x], [100 * r["acc_oneshot"]], facecolors="none", edgecolors=c, zorder=3)
             left.plot([x, x], [100 * r["acc_oneshot"], 100 * r["acc_finetuned"]], color=c, lw=0.8, alpha=0.5)
-        left.annotate(r["name"], (x, 100 * r["acc_finetuned"]), textcoords="offset points", xytext=(4, 4),
-                      fontsize=7)
+        left.annotate(r["name"], (x, 100 * r["acc_finetuned"]), textcoords="offset points", fontsize=7, **side)
         right.scatter([100 * r["flops_reduction"]], [100 * (r["acc_finetuned"] - r["acc_dense"])], color=c, zorder=3)
         right.annotate(r["name"], (100 * r["flops_reduction"], 100 * (r["acc_finetuned"] - r["acc_dense"])),
-                       textcoords="offset points", xytext=(4, 4), fontsize=7)
+                       textcoords="offset points", fontsize=7, **side)
     dense = next((r["acc_dense"] for r in ok), None)
     if dense is not None:
         left.axhline(100 * dense, color="k", ls="--", lw=0.8, label=f"dense {100 * dense:.2f}%")
@@ -557,6 +561,7 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
     right.set(xlabel="FLOPs removed (%)", ylabel="top-1 change vs own dense (pt)", title="against published anchors")
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        ax.margins(x=0.12, y=0.08)  # room for the labels beside the outermost points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -574,7 +574,8 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
     baseline = cfg["checkpoint"] or f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']})"
     # a study stopped before its end says which planned runs it has not reached, not "n of n"
     planned = summary.get("planned") or [r["name"] for r in rows]
-    pending = [name for name in planned if name not in {r["name"] for r in rows}]
+    reached = {r["name"] for r in rows}
+    pending = [name for name in planned if name not in reached]
     lines = [f"# {cfg['model']} on {cfg['dataset']}: do pruned models keep their accuracy?", "",
              f"{len(ok)} of {len(planned)} planned runs finished"
              + (f" (not run yet: {', '.join(pending)})" if pending else "")

@@ -59,17 +59,21 @@ class CompensationReport:
 
 
 def consumer_order(model: nn.Module, example: torch.Tensor, names: set[str]) -> list[str]:
-    """The modules of ``names`` in the order a forward pass reaches them."""
+    """The modules of ``names`` in the order a forward pass reaches them (an eval-mode pass on one image; every
+    module's training flag is put back as it was)."""
     modules = dict(model.named_modules())
     order: list[str] = []
     handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
                for n in names]
+    modes = {m: m.training for m in modules.values()}
     try:
         with torch.no_grad():
             model.eval()(example[:1])
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     return order
 
 

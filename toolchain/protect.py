@@ -60,16 +60,11 @@ def stem(model: nn.Module, example: torch.Tensor, layers: Sequence[PrunableLayer
 
     from toolchain.compensation import consumer_order
 
-    modes = {m: m.training for m in model.modules()}  # consumer_order runs the model in eval mode
-    try:
-        convs = consumer_order(model, example, {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)})
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    first = [model.get_submodule(convs[0])] if convs else []
-    if not first or first[0].in_channels != example.shape[1]:
+    convs = consumer_order(model, example, {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)})
+    first = model.get_submodule(convs[0]) if convs else None
+    if first is None or first.in_channels != example.shape[1]:
         return None
-    layer = next((layer for layer in layers if layer.conv is first[0]), None)
+    layer = next((layer for layer in layers if layer.conv is first), None)
     return layer.name if layer is not None and not layer.residual else None
 
 

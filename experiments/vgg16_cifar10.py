@@ -590,9 +590,10 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
     lines += _md_table(["method", "their dense top-1", "FLOPs red.", "top-1", "vs their dense (pp)", "source"],
                        [[a["method"], _pct(a["baseline"]), _pct(red, 1), _pct(acc), _pp(acc, a["baseline"]),
                          a["source"]] for a in ANCHORS for red, acc in a["rows"]])
+    ended = f"finished {summary['finished']}" if summary.get("finished") else "still running when this was written"
     lines += ["## Setup", "",
               f"- study command: `{summary['command']}`",
-              f"- started {summary['started']}, finished {summary.get('finished', '-')}; this invocation's wall time "
+              f"- started {summary['started']}, {ended}; this invocation's wall time "
               f"{summary['wall_seconds'] / 60:.1f} min (stages already in the cache are not recomputed: each run's "
               "compute minutes below are the seconds its stages took when they were computed)",
               f"- hardware: CPU {hw['cpu']} ({hw['cpu_count']} logical CPUs), "
@@ -823,7 +824,7 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
         work.mkdir(parents=True, exist_ok=True)
         (work / "study-progress.json").write_text(json.dumps({**summary, "rows": rows}, indent=1, default=str))
         if args.plan == "headline" and rows:  # the docs show every finished run, even if the study is stopped
-            write_outputs(Path(args.out_dir), work, {**summary, "finished": "(still running)",
+            write_outputs(Path(args.out_dir), work, {**summary, "finished": None,
                                                      "wall_seconds": round(time.perf_counter() - t0, 1)}, rows, [])
 
     # headline: the baselines match the first budget's FLOPs and run right after it (the comparison first)

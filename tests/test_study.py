@@ -157,9 +157,11 @@ def test_headline_outputs_come_from_the_rows(study, tmp_path):
 
     # a study stopped before its last planned run says so instead of "2 of 2"
     stopped = study.write_outputs(tmp_path / "stopped", tmp_path / "work",
-                                  {**summary, "planned": ["recon flops=0.4", "l1 @0.632", "recon flops=0.2"]},
-                                  [row, l1], [])
-    assert "2 of 3 planned runs finished (not run yet: recon flops=0.2);" in stopped["md"].read_text()
+                                  {**summary, "planned": ["recon flops=0.4", "l1 @0.632", "recon flops=0.2"],
+                                   "finished": None}, [row, l1], [])
+    stopped_md = stopped["md"].read_text()
+    assert "2 of 3 planned runs finished (not run yet: recon flops=0.2);" in stopped_md
+    assert "started t0, still running when this was written;" in stopped_md and "finished t1" in md
 
 
 class _SmallCNN(torch.nn.Module):

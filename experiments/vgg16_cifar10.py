@@ -555,7 +555,8 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
         right.plot(xs, ys, "s--", color="tab:green", ms=4, lw=0.8,
                    label=f"{a['method']} (their paper, dense {100 * a['baseline']:.2f}%)")
     right.axhline(0.0, color="k", lw=0.8)
-    right.legend(loc="upper right", fontsize=8)
+    # below the axes: inside, it covered whichever run sat in its corner
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     left.set(xlabel="FLOPs kept (% of dense)", ylabel="top-1 (%)",
              title="top-1 vs FLOPs (filled: fine-tuned, hollow: one-shot)")
     right.set(xlabel="FLOPs removed (%)", ylabel="top-1 change vs own dense (pt)", title="against published anchors")

@@ -563,6 +563,10 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.margins(x=0.12, y=0.08)  # room for the labels beside the outermost points
+        lo, hi = ax.get_xlim()
+        if hi - lo < 20:  # runs at one FLOPs level: a 0.1-point-wide axis hid the labels and read as a spread
+            mid = (lo + hi) / 2
+            ax.set_xlim(mid - 10, mid + 10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

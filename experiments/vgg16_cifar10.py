@@ -273,12 +273,14 @@ def flops_levels(reached: Sequence[tuple[str, str, float]], budgets: Sequence[fl
 
 def baseline_plan(base: Config, levels: Sequence[Level], *, criteria: Sequence[str], distill: Sequence[bool],
                   ratio_for: Callable[[float], float], predict: Callable[[float], float] | None = None,
-                  quick: bool = False) -> list[Variant]:
+                  quick: bool = False, random_seeds: int = 1) -> list[Variant]:
     """L1 / random / BN-scale at each level's matched uniform keep ratio (quick: L1 and random at the
-    cutoff variants' levels, L1 alone at the budget levels)."""
+    cutoff variants' levels, L1 alone at the budget levels). Random runs ``random_seeds`` seeds from the
+    base seed on (one draw says little: at 40% removal three seeds spread 1.4 points one-shot); the first
+    keeps the single-seed run's name and bundle, so adding seeds reuses it."""
     tag = base.run_name or base.model
     out: list[Variant] = []
-    seen: set[tuple[str, float, bool]] = set()
+    seen: set[tuple[str, float, bool, int]] = set()
     for level in levels:
         level.keep_ratio = ratio_for(level.fraction)
         level.predicted = predict(level.keep_ratio) if predict else None
@@ -288,14 +290,20 @@ def baseline_plan(base: Config, levels: Sequence[Level], *, criteria: Sequence[s
         else:
             names = list(criteria)
         for criterion in names:
-            keyed = _with(base, criterion=criterion, run_name=f"{tag}-{criterion}", criterion_options={})
-            for label, cfg in variant_configs(keyed, {"keep_ratio": [level.keep_ratio], "distill": list(distill)}):
-                key = (criterion, cfg.keep_ratio, cfg.distill)
-                if key in seen:  # two levels that round to the same counts: one run
-                    continue
-                seen.add(key)
-                out.append(Variant(f"{criterion} @{level.keep_ratio:g}", "baseline", label, cfg, level=level.key,
-                                   target_flops=level.fraction, predicted_flops=level.predicted))
+            seeds = range(base.seed, base.seed + (random_seeds if criterion == "random" else 1))
+            for seed in seeds:
+                extra = "" if seed == base.seed else f"-seed{seed}"
+                keyed = _with(base, criterion=criterion, run_name=f"{tag}-{criterion}{extra}", criterion_options={},
+                              seed=seed)
+                for label, cfg in variant_configs(keyed, {"keep_ratio": [level.keep_ratio],
+                                                          "distill": list(distill)}):
+                    key = (criterion, cfg.keep_ratio, cfg.distill, seed)
+                    if key in seen:  # two levels that round to the same counts: one run
+                        continue
+                    seen.add(key)
+                    name = f"{criterion} @{level.keep_ratio:g}" + (f" seed {seed}" if extra else "")
+                    out.append(Variant(name, "baseline", label, cfg, level=level.key,
+                                       target_flops=level.fraction, predicted_flops=level.predicted))
     return out
 
 
@@ -350,7 +358,7 @@ def run_variant(v: Variant, failures_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     base = {"name": v.name, "group": v.group, "axes": v.label, "distill": v.cfg.distill, "level": v.level,
             "target_flops": v.target_flops, "predicted_flops": v.predicted_flops,
-            "run_name": v.cfg.resolved_run_name}
+            "run_name": v.cfg.resolved_run_name, "seed": v.cfg.seed}
     try:
         row = {**study_row(v, run_pipeline(v.cfg)), **base, "status": "ok"}
     except KeyboardInterrupt:
@@ -516,6 +524,16 @@ def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
             out.append(f"{lead['name']} vs {r['name']} at {_pct(r['flops_ratio'], 1)} of the FLOPs: "
                        f"{100 * (lead['acc_finetuned'] - r['acc_finetuned']):+.2f} pt after the same fine-tune "
                        f"(one-shot {100 * ((lead.get('acc_oneshot') or 0) - (r.get('acc_oneshot') or 0)):+.2f} pt).")
+        draws: dict[str, list[dict[str, Any]]] = {}  # random runs of several seeds at one keep ratio
+        for r in matched:
+            if r.get("criterion") == "random":
+                draws.setdefault(r["name"].split(" seed ")[0], []).append(r)
+        for name, runs in draws.items():
+            if len(runs) > 1:
+                mean = sum(r["acc_finetuned"] for r in runs) / len(runs)
+                seeds = ", ".join(_pct(r["acc_finetuned"]) for r in runs)
+                out.append(f"{lead['name']} vs {name} (mean of {len(runs)} seeds: {seeds}): "
+                           f"{100 * (lead['acc_finetuned'] - mean):+.2f} pt after the same fine-tune.")
     return out
 
 
@@ -640,7 +658,7 @@ def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list
                                         "params_ratio", "channels_removed", "channels_dense", "acc_dense",
                                         "acc_oneshot", "acc_finetuned", "acc_int8", "test_images", "train_images",
                                         "latency_p50_ms", "dense_latency_p50_ms", "compute_seconds", "stage_seconds",
-                                        "command", "error", "level", "target_flops")} for r in rows]
+                                        "command", "error", "level", "target_flops", "seed")} for r in rows]
         (out_dir / "results.json").write_text(json.dumps(
             {**summary, "anchors": list(ANCHORS), "plot": plot, "runs": runs}, indent=1, default=str) + "\n")
         write_headline_markdown(out_dir / "results.md", summary, rows, plot)
@@ -703,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", default=None,
                         help=f"baseline criteria (default: headline {','.join(HEADLINE_MATCHED)}, --gpu none, "
                              f"cmi {','.join(BASELINES)})")
+    parser.add_argument("--random-seeds", type=int, default=1,
+                        help="seeds of the random baseline, from --seed on (default %(default)s); the first reuses "
+                             "the single-seed run")
     parser.add_argument("--level-tol", type=float, default=0.005,
                         help="FLOPs fractions closer than this share one matched level (default %(default)s)")
     parser.add_argument("--plan-only", action="store_true", help="print the primary variants and exit")
@@ -790,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise UserError(f"unknown group(s): {sorted(unknown)}")
             criteria = criteria if "baseline" in groups else []
+        if args.random_seeds < 1:
+            raise UserError(f"--random-seeds must be at least 1, got {args.random_seeds}")
         if not set(criteria) <= set(BASELINES):
             raise UserError(f"unknown baseline(s): {sorted(set(criteria) - set(BASELINES))}")
         if args.plan_only:
@@ -855,7 +878,7 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
         flops = FlopsModel(model, (3, base.image_size, base.image_size), round_to=base.round_to or 1)
         baselines = baseline_plan(base, levels, criteria=criteria, distill=distill,
                                   ratio_for=lambda f: matched_keep_ratio(flops, f), predict=flops.fraction,
-                                  quick=args.quick)
+                                  quick=args.quick, random_seeds=args.random_seeds)
     summary["planned"] = [v.name for v in (*first, *baselines, *rest)]
     for i, v in enumerate(baselines, 1):
         log.info("study baseline %d/%d: %s (%s) for %s", i, len(baselines), v.name, _distill_tag(v.cfg.distill),

@@ -118,6 +118,30 @@ def test_headline_plan_runs_the_default_criterion_under_each_budget(study):
         ("l1", round(0.3997 ** 0.5, 4), None), ("random", round(0.3997 ** 0.5, 4), None)]
 
 
+def test_random_baseline_runs_several_seeds_and_the_first_reuses_the_single_seed_run(study):
+    base = build_config({}, {"model": "vgg16_bn", "dataset": "digits", "seed": 5})
+    levels = study.flops_levels([("recon flops=0.4", "budget", 0.3997)], [], tol=0.005)
+    plan = lambda n: study.baseline_plan(base, levels, criteria=study.HEADLINE_MATCHED, distill=[True],  # noqa: E731
+                                         ratio_for=lambda f: 0.6318, random_seeds=n)
+    one, three = plan(1), plan(3)
+    assert [(v.cfg.criterion, v.cfg.seed) for v in three] == [("l1", 5), ("random", 5), ("random", 6), ("random", 7)]
+    assert [v.name for v in three[1:]] == ["random @0.6318", "random @0.6318 seed 6", "random @0.6318 seed 7"]
+    assert three[1].cfg == one[1].cfg  # the first seed is the run a single-seed study made: its bundle is reused
+    assert len({v.cfg.resolved_run_name for v in three}) == 4
+    ignore = {"seed", "run_name"}  # the seeds' runs differ in nothing else
+    assert len({str({k: x for k, x in v.cfg.to_dict().items() if k not in ignore}) for v in three[1:]}) == 1
+
+
+def test_findings_compare_the_lead_with_the_mean_of_the_random_seeds(study):
+    lead = {"name": "recon flops=0.4", "group": "budget", "status": "ok", "flops_reduction": 0.6, "flops_ratio": 0.4,
+            "acc_dense": 0.8929, "acc_finetuned": 0.8913, "acc_oneshot": 0.8813, "criterion": "recon"}
+    draws = [{**lead, "name": name, "group": "baseline", "criterion": "random", "acc_finetuned": acc}
+             for name, acc in (("random @0.6318", 0.8861), ("random @0.6318 seed 1", 0.8901))]
+    lines = study.headline_findings([lead, *draws])
+    assert "recon flops=0.4 vs random @0.6318 (mean of 2 seeds: 88.61%, 89.01%): +0.32 pt" in " ".join(lines)
+    assert not any("mean of" in line for line in study.headline_findings([lead, draws[0]]))
+
+
 def test_every_run_records_the_command_that_rebuilds_it(study):
     from toolchain.cli import build_parser, config_argv, flag_values
 
@@ -212,6 +236,7 @@ def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
     (["--budget", "flops=0.4"], "--budget is set per variant"),
     (["--keep-ratio", "0.5"], "--keep-ratio is set per variant"),
     (["--baselines", "l1,magic"], "unknown baseline(s): ['magic']"),
+    (["--random-seeds", "0"], "--random-seeds must be at least 1, got 0"),
 ])
 def test_bad_study_input_is_one_line_and_exit_2(study, tmp_path, capsys, args, needle):
     assert study.main([*args, "--out", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs")]) == 2

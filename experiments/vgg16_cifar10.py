@@ -525,15 +525,15 @@ def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
             out.append(f"{lead['name']} vs {r['name']} at {_pct(r['flops_ratio'], 1)} of the FLOPs: "
                        f"{100 * (lead['acc_finetuned'] - r['acc_finetuned']):+.2f} pt after the same fine-tune "
                        f"(one-shot {100 * ((lead.get('acc_oneshot') or 0) - (r.get('acc_oneshot') or 0)):+.2f} pt).")
-        draws: dict[str, list[dict[str, Any]]] = {}  # random runs of several seeds at one keep ratio
+        draws: dict[Any, list[dict[str, Any]]] = {}  # random runs of several seeds, by keep ratio
         for r in matched:
             if r.get("criterion") == "random":
-                draws.setdefault(r["name"].split(" seed ")[0], []).append(r)
-        for name, runs in draws.items():
-            if len(runs) > 1:
+                draws.setdefault(r.get("keep_ratio"), []).append(r)
+        for runs in draws.values():
+            if len(runs) > 1:  # named after the first seed's run, which carries the plain name
                 mean = sum(r["acc_finetuned"] for r in runs) / len(runs)
                 seeds = ", ".join(_pct(r["acc_finetuned"]) for r in runs)
-                out.append(f"{lead['name']} vs {name} (mean of {len(runs)} seeds: {seeds}): "
+                out.append(f"{lead['name']} vs {runs[0]['name']} (mean of {len(runs)} seeds: {seeds}): "
                            f"{100 * (lead['acc_finetuned'] - mean):+.2f} pt after the same fine-tune.")
     return out
 

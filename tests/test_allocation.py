@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from tiny_models import Tiny
 
-from toolchain.allocation import allocate, layer_sensitivity, sensitivity_curve
+from toolchain.allocation import allocate, layer_sensitivity, sensitivity_curve, uniform_counts
 from toolchain.compensation import compensate
 from toolchain.errors import UserError
 from toolchain.ranking import CRITERIA, RankContext, load_criteria
 from toolchain.ranking.cutoffs import Budget, allocate_budget, budget_cost, layer_costs, parse_budget
 from toolchain.stages.prune import consumer_outputs, find_prunable_layers, kept_indices, prune_model
+from toolchain.train.loop import recalibrate_batchnorm
 
 
 def _redundant_tiny() -> torch.nn.Module:
@@ -177,3 +178,114 @@ def test_a_protected_layer_stays_whole_and_the_others_meet_the_budget(tmp_path):
     assert 0.6 < info["cost"] <= 0.7 + 1e-9 and info["sensitivity"] == sensitivity
     assert all(counts[layer.name] <= free[layer.name] for layer in layers[1:])
     assert counts != free
+
+
+@pytest.mark.parametrize("fraction,step", [(0.3, 1), (0.5, 1), (0.8, 1), (0.5, 2)])
+def test_uniform_counts_are_the_largest_single_ratio_within_the_budget(fraction, step):
+    """Checked against a plain scan of ratios; a fixed layer stays whole and the others pay for it."""
+    layers = find_prunable_layers(_redundant_tiny(), torch.zeros(2, 3, 8, 8))
+    channels = [layer.channels for layer in layers]
+    coupled, out_only, producer = layer_costs(layers, "flops")
+
+    def scan(fixed):  # a budget the fixed layers alone exceed: the smallest cut (the allocator then says so)
+        best = [c if layer.name in fixed else step for layer, c in zip(layers, channels)]
+        for ratio in np.linspace(0, 1, 20001):
+            keep = [c if layer.name in fixed else max(step, step * round(ratio * c / step))
+                    for layer, c in zip(layers, channels)]
+            if budget_cost(keep, channels, coupled, out_only, producer) <= fraction:
+                best = keep
+        return best
+
+    counts = uniform_counts(layers, Budget("flops", fraction), round_to=step)
+    assert [counts[layer.name] for layer in layers] == scan(())
+    first = layers[0].name
+    held = uniform_counts(layers, Budget("flops", fraction), fixed=[first], round_to=step)
+    assert [held[layer.name] for layer in layers] == scan((first,))
+    assert held[first] == channels[0] and all(held[n] <= counts[n] for n in counts if n != first)
+
+
+def _context_setup():
+    load_criteria()
+    dense = _redundant_tiny()
+    example = torch.zeros(2, 3, 8, 8)
+    layers = find_prunable_layers(dense, example)
+    g = torch.Generator().manual_seed(0)
+    images, probe = (torch.randn(n, 3, 8, 8, generator=g) for n in (128, 128))
+    rankings = CRITERIA.get("l1")(RankContext(model=dense, layers=layers, images=images, labels=torch.arange(128) % 3,
+                                              num_classes=3, device=torch.device("cpu")))
+    return dense, example, layers, images, probe, rankings
+
+
+def test_sensitivity_without_compensation_is_measured_around_the_uniform_cut():
+    """Each point is the damage of the whole context cut with one layer changed, as a plain prune, BN
+    re-estimation and KL compute it; the context point is the same for every layer."""
+    dense, example, layers, images, probe, rankings = _context_setup()
+    context = uniform_counts(layers, Budget("flops", 0.4))
+    sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, images, compensation=False,
+                             fractions=(0.5, 0.25), context=context)
+
+    def plain(counts):
+        pruned, _ = prune_model(dense, example, kept_indices(rankings, counts))
+        recalibrate_batchnorm(pruned, [(images, None)], torch.device("cpu"), len(images))
+        return _damage(pruned, dense, probe)
+
+    at_context = plain(context)
+    assert at_context > 0.01  # the cut does damage: points measured alone would all miss it
+    for layer in layers:
+        points = dict((round(f * layer.channels), v) for f, v in sens[layer.name])
+        whole = {**context, layer.name: layer.channels}
+        assert points[layer.channels] == pytest.approx(plain(whole), rel=1e-4, abs=1e-7)
+        assert points[context[layer.name]] == pytest.approx(at_context, rel=1e-4)
+        k = round(0.25 * layer.channels)
+        assert points[k] == pytest.approx(plain({**context, layer.name: k}), rel=1e-4, abs=1e-7)
+    # alone (no context) the same layers show less damage at the same kept fraction
+    alone = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, images, compensation=False,
+                              fractions=(0.25,))
+    assert all(alone[n][0] == [1.0, 0.0] for n in alone)
+    assert sum(alone[n][-1][1] for n in alone) < sum(sens[n][-1][1] for n in sens)
+
+
+def test_a_budget_without_compensation_measures_in_context_and_keys_its_cache_by_the_budget(tmp_path):
+    import toolchain.allocation as allocation
+    from toolchain.stages import prune
+
+    dense, example, layers, images, probe, rankings = _context_setup()
+    counts, info = allocation.allocate_for_budget(dense, layers, rankings, example, probe, images,
+                                                  Budget("flops", 0.4), compensation=False)
+    assert info["sensitivity_context"] == uniform_counts(layers, Budget("flops", 0.4))
+    assert info["cost"] <= 0.4 + 1e-9
+    # the curves are the ones measured around that context
+    expected = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, images, compensation=False,
+                                 context=info["sensitivity_context"])
+    assert info["sensitivity"].keys() == expected.keys()
+    assert all(np.allclose(info["sensitivity"][n], expected[n], rtol=1e-6) for n in expected)
+    _, info = allocation.allocate_for_budget(dense, layers, rankings, example, probe, images,
+                                             Budget("flops", 0.4), compensation=True)
+    assert info["sensitivity_context"] is None
+
+    class Ctx:
+        root = tmp_path
+
+    def folder(**kw):
+        return prune.sensitivity_folder(Ctx, prune.Inputs("r", "b", "vgg11_bn", 0, **kw))
+
+    # with compensation the budgets share one measurement; without, each budget has its own
+    assert folder(budget="flops=0.4") == folder(budget="flops=0.2")
+    assert folder(budget="flops=0.4", compensation="none") != folder(budget="flops=0.2", compensation="none")
+    assert (folder(budget="flops=0.4", compensation="none")
+            != folder(budget="flops=0.4", compensation="none", protect=["features.0"]))
+
+
+def test_a_latency_budget_without_compensation_is_measured_around_the_uniform_cut_at_its_fraction():
+    from types import SimpleNamespace
+
+    from toolchain.allocation import sensitivity_context
+    from toolchain.cost import CostModel
+
+    dense = _redundant_tiny()
+    example = torch.zeros(2, 3, 8, 8)
+    layers = find_prunable_layers(dense, example)
+    cost = CostModel.of(dense, (3, 8, 8), layers)
+    table = SimpleNamespace(dense_ms=4.0)
+    assert (sensitivity_context(layers, parse_budget("latency=2ms"), cost, latency=table)
+            == uniform_counts(layers, Budget("flops", 0.5)) == sensitivity_context(layers, Budget("flops", 0.5), cost))

@@ -10,8 +10,7 @@ the allocation here works for every criterion and measures what matters:
 1. *Sensitivity*: each layer alone is cut to a few kept fractions (the criterion's own order
    decides which channels stay), its consumers are refitted as the prune stage would
    (``toolchain.compensation``), and the damage is measured as the KL divergence of the
-   network's output from the dense output on held-out training images (no test data). Without
-   compensation BN statistics are re-estimated instead.
+   network's output from the dense output on held-out training images (no test data).
 2. *Allocation*: sensitivity between the measured fractions is interpolated (piecewise
    linear, made monotone; no layer goes below its smallest measured fraction), layers are
    assumed to add up, and channels are dropped greedily,
@@ -19,6 +18,16 @@ the allocation here works for every criterion and measures what matters:
    of budget saved (``toolchain.ranking.cutoffs.allocate_budget``: its cost model counts a
    layer's FLOPs against both its own kept outputs and its producer's kept inputs), until the
    budget is met.
+3. *Without compensation* (BN statistics re-estimated instead of the refit) the damage of several
+   cut layers compounds instead of adding up: measured one layer at a time, all 14 allocations of
+   the shared VGG16 (5 criteria, flops=0.4 and 0.2) sent conv9 to 10% kept and lost to a uniform
+   cut (recon 56.5% at 40% of the FLOPs against 62.7% for a uniform cut at 36%). So without
+   compensation each layer is probed with every other layer held at the uniform cut that meets
+   the same budget (``sensitivity_context``), and the curves are read around that point: 10 of the
+   14 allocations then beat the uniform cut at the same FLOPs, by up to 9 points, and 4 still lose
+   (docs/QUALITY.md). A NetAdapt-style joint search (every step measuring each layer's proposed cut
+   together with the cuts made so far) did no better and was not kept: the KL on 256 probe
+   images ranks cuts this damaged (20-75% top-1) poorly.
 """
 
 from __future__ import annotations
@@ -55,36 +64,99 @@ def _kl_from_dense(model: nn.Module, images: torch.Tensor, reference: torch.Tens
     return total / len(images)
 
 
-@torch.no_grad()
-def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
-                      example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, *, compensation: bool,
-                      fractions: Sequence[float] = SENSITIVITY_FRACTIONS, seed: int = 0,
-                      progress=None) -> dict[str, list[list[float]]]:
-    """Per layer, ``[[kept_fraction, KL], ...]`` (1.0 -> 0 included) from cutting that layer alone."""
+def damage_meter(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
+                 example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, *, compensation: bool, seed: int = 0,
+                 progress=None) -> Callable[..., float]:
+    """``damage(counts, dense_targets={})``: the KL divergence of the network cut to `counts` (the criterion's
+    order decides which channels stay; missing layers whole) from the dense output on `probe`, after the
+    consumers were refitted on `fit` (compensation) or BN statistics re-estimated on it."""
     from toolchain.compensation import compensate
     from toolchain.stages.prune import consumer_outputs, prune_model
     from toolchain.train.loop import recalibrate_batchnorm
 
     dense = dense.eval()
-    reference = torch.cat([F.log_softmax(dense(probe[a:a + 128]).double(), 1) for a in range(0, len(probe), 128)])
+    with torch.no_grad():
+        reference = torch.cat([F.log_softmax(dense(probe[a:a + 128]).double(), 1)
+                               for a in range(0, len(probe), 128)])
+
+    @torch.no_grad()
+    def damage(counts: dict[str, int], dense_targets: dict | None = None) -> float:
+        kept = {name: sorted(int(i) for i in rankings[name].order[:k]) for name, k in counts.items()}
+        pruned, _ = prune_model(dense, example, kept)
+        pruned.to(probe.device)
+        if compensation:
+            compensate(pruned, dense, fit, consumer_outputs(list(layers), kept), seed=seed, max_views=4,
+                       dense_targets={} if dense_targets is None else dense_targets)
+        else:
+            batches = [(fit[a:a + 128], None) for a in range(0, len(fit), 128)]
+            recalibrate_batchnorm(pruned, batches, fit.device, len(fit))
+        if progress is not None:
+            progress()
+        return _kl_from_dense(pruned, probe, reference)
+
+    return damage
+
+
+def uniform_counts(layers: Sequence[PrunableLayer], budget: Budget, *, members: Sequence[Extra] = (),
+                   fixed: Sequence[str] = (), round_to: int = 1) -> dict[str, int]:
+    """Keep counts of the largest single ratio (every layer but the `fixed` ones, which stay whole) whose cost
+    is within `budget` (a flops, params or channels budget; the allocator's cost model, ``budget_cost``); where
+    no ratio is, the smallest cut (the allocator then reports the budget as out of reach). Counts are
+    multiples of `round_to` (a layer with fewer channels is left whole)."""
+    channels = [layer.channels for layer in layers]
+    coupled, out_only, producer = layer_costs(list(layers), budget.kind)
+    step = max(1, int(round_to))
+
+    def counts(ratio: float) -> list[int]:
+        return [c if layer.name in fixed or c < step else max(step, step * round(ratio * c / step))
+                for layer, c in zip(layers, channels)]
+
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        if budget_cost(counts(mid), channels, coupled, out_only, producer, members) <= budget.fraction:
+            low = mid
+        else:
+            high = mid
+    return {layer.name: k for layer, k in zip(layers, counts(low))}
+
+
+def sensitivity_context(layers: Sequence[PrunableLayer], budget: Budget, cost: CostModel, *,
+                        latency: LatencyTable | None = None, fixed: Sequence[str] = ()) -> dict[str, int]:
+    """The uniform cut that `budget` allows, around which sensitivity without compensation is measured. A latency
+    budget's is the uniform cut at the same fraction of the FLOPs (the dense latency from the target's table)."""
+    if budget.kind == "latency":
+        if latency is None:
+            raise ValueError("sensitivity_context: a latency budget needs the target's latency table")
+        budget = Budget("flops", min(1.0, budget.latency_ms(latency.dense_ms) / latency.dense_ms))
+    return uniform_counts(layers, budget, members=cost.member_terms(budget.kind), fixed=fixed)
+
+
+@torch.no_grad()
+def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
+                      example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, *, compensation: bool,
+                      fractions: Sequence[float] = SENSITIVITY_FRACTIONS, seed: int = 0,
+                      context: dict[str, int] | None = None, progress=None) -> dict[str, list[list[float]]]:
+    """Per layer, ``[[kept_fraction, KL], ...]`` (1.0 included) from cutting that layer to each fraction.
+
+    Without `context` the layer is cut alone (1.0 -> 0). With it (keep counts per layer, ``uniform_counts``)
+    every other layer is cut to its context count at the same time, and the curve holds the layer whole
+    (1.0), at each fraction and at its own context count (the all-context model, measured once)."""
+    damage = damage_meter(dense, layers, rankings, example, probe, fit, compensation=compensation, seed=seed,
+                          progress=progress)
+    channels = {layer.name: layer.channels for layer in layers}
+    others = {name: k for name, k in (context or {}).items() if k < channels[name]}  # the layers the context cuts
+    at_context = damage(others, {}) if others else 0.0
     out: dict[str, list[list[float]]] = {}
     for layer in layers:
-        points = [[1.0, 0.0]]
+        rest = {name: k for name, k in others.items() if name != layer.name}
         dense_targets: dict = {}  # the cuts of one layer refit the same consumers towards the same dense outputs
+        points = [[1.0, damage(rest, dense_targets) if rest else 0.0]]
+        if layer.name in others:
+            points.append([others[layer.name] / layer.channels, at_context])
         for frac in fractions:
             k = max(1, round(frac * layer.channels))
-            kept = {layer.name: sorted(int(i) for i in rankings[layer.name].order[:k])}
-            pruned, _ = prune_model(dense, example, kept)
-            pruned.to(probe.device)
-            if compensation:
-                compensate(pruned, dense, fit, consumer_outputs(list(layers), kept), seed=seed, max_views=4,
-                           dense_targets=dense_targets)
-            else:
-                batches = [(fit[a:a + 128], None) for a in range(0, len(fit), 128)]
-                recalibrate_batchnorm(pruned, batches, fit.device, len(fit))
-            points.append([k / layer.channels, _kl_from_dense(pruned, probe, reference)])
-            if progress is not None:
-                progress()
+            points.append([k / layer.channels, damage({**rest, layer.name: k}, dense_targets)])
         out[layer.name] = points
     return out
 
@@ -162,25 +234,27 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
                         measure: Callable[[dict[str, int]], float] | None = None, fixed: Sequence[str] = ()
                         ) -> tuple[dict[str, int], dict[str, Any]]:
     """Measure the sensitivity (or read it from `cache`, a JSON file written by an earlier call with the same
-    model, rankings, images and settings: it does not depend on the budget), then allocate under `budget`
-    (a latency budget: with the knapsack over `latency`, the target's table, ``toolchain.knapsack``; with
+    model, rankings, images and settings; with compensation it does not depend on the budget, without it is
+    measured around the budget's uniform cut, ``sensitivity_context``), then allocate under `budget`. A latency
+    budget is allocated with the knapsack over `latency`, the target's table (``toolchain.knapsack``; with
     `measure`, counts -> the pruned model's measured ms on this host, the budget is met as measured,
     ``meet_measured``). The `fixed` layers (``--protect``) keep every channel: their sensitivity is read as
     unmeasured below all channels, so neither allocator cuts them and the budget is met by the other layers."""
     if budget.kind == "latency" and latency is None:
         raise ValueError("allocate_for_budget: a latency budget needs the target's latency table")
     t0 = time.perf_counter()
+    cost = CostModel.of(dense, tuple(example.shape[1:]), layers)
+    context = None if compensation else sensitivity_context(layers, budget, cost, latency=latency, fixed=fixed)
     cached = cache is not None and cache.is_file()
     if cached:
         sens = json.loads(cache.read_text())
     else:
         sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, fit,
-                                 compensation=compensation, seed=seed)
+                                 compensation=compensation, seed=seed, context=context)
         if cache is not None:
             atomic_write_json(cache, sens)
     measured = sens  # every layer's, fixed ones included: the cache serves runs that protect other layers
     sens = {**sens, **{name: [[1.0, 0.0]] for name in fixed}}  # no count below all channels is allowed
-    cost = CostModel.of(dense, tuple(example.shape[1:]), layers)
     if budget.kind == "latency":
         from toolchain.knapsack import allocate_latency
         from toolchain.latency import conv_terms
@@ -198,6 +272,6 @@ def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], ranki
         counts, info = allocate(layers, sens, budget, round_to=round_to, members=cost.member_terms(budget.kind))
         # the budget is over the prunable groups' cost; the whole model's (as reported) from the same cost model
         model_cost = cost.fraction(budget.kind, counts)
-    info.update(model_cost=model_cost, sensitivity=measured, sensitivity_cached=cached,
+    info.update(model_cost=model_cost, sensitivity=measured, sensitivity_cached=cached, sensitivity_context=context,
                 seconds=round(time.perf_counter() - t0, 2))
     return counts, info

@@ -387,13 +387,16 @@ class Result:
 
 
 def sensitivity_folder(ctx: StageContext, inputs: Inputs) -> Path:
-    """A budget's allocation measures every layer's sensitivity first. That does not depend on the budget,
-    so runs at other budgets (a study's flops=0.4 and 0.2) share it: a plain cached file keyed by what it
-    reads (the prune stage runs on one rank only, so it needs no stage of its own)."""
-    return ctx.root / ("sensitivity-" + stable_hash(
-        {"stage": "sensitivity", "rank": inputs.rank, "compensation": inputs.compensation,
-         "compensation_samples": inputs.compensation_samples,
-         "seed": inputs.seed}))
+    """A budget's allocation measures every layer's sensitivity first. With compensation that does not depend
+    on the budget, so runs at other budgets (a study's flops=0.4 and 0.2) share it: a plain cached file keyed
+    by what it reads (the prune stage runs on one rank only, so it needs no stage of its own). Without
+    compensation it is measured around the budget's uniform cut (``toolchain.allocation``), which the
+    budget and the protected layers decide."""
+    key = {"stage": "sensitivity", "rank": inputs.rank, "compensation": inputs.compensation,
+           "compensation_samples": inputs.compensation_samples, "seed": inputs.seed}
+    if inputs.compensation == "none":
+        key.update(context=inputs.budget, protect=sorted(inputs.protect or ()), latency=inputs.latency)
+    return ctx.root / ("sensitivity-" + stable_hash(key))
 
 
 def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:

@@ -23,11 +23,11 @@ the allocation here works for every criterion and measures what matters:
    the shared VGG16 (5 criteria, flops=0.4 and 0.2) sent conv9 to 10% kept and lost to a uniform
    cut (recon 56.5% at 40% of the FLOPs against 62.7% for a uniform cut at 36%). So without
    compensation each layer is probed with every other layer held at the uniform cut that meets
-   the same budget (``sensitivity_context``), and the curves are read around that point: 10 of the
-   14 allocations then beat the uniform cut at the same FLOPs, by up to 9 points, and 4 still lose
-   (docs/QUALITY.md). A NetAdapt-style joint search (every step measuring each layer's proposed cut
-   together with the cuts made so far) did no better and was not kept: the KL on 256 probe
-   images ranks cuts this damaged (20-75% top-1) poorly.
+   the same budget (``sensitivity_context``), and the curves are read around that point: 10 of 16
+   allocations (those 14 and MIPP's two) then beat the uniform cut at the same FLOPs, by up to 9
+   points, and 6 still lose (docs/QUALITY.md). A NetAdapt-style joint search (every step measuring
+   each layer's proposed cut together with the cuts made so far) did no better and was not kept:
+   the KL on 256 probe images ranks cuts this damaged (20-75% top-1) poorly.
 """
 
 from __future__ import annotations

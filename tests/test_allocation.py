@@ -124,18 +124,24 @@ def test_a_channels_budget_counts_filters():
         parse_budget("filters=0.5")
 
 
-def test_the_sensitivity_is_measured_once_for_every_budget(tmp_path, monkeypatch):
-    """A second budget reads the first one's measured sensitivity from the cache file instead of measuring."""
-    import toolchain.allocation as allocation
-
+def _l1_setup(n: int = 128):
+    """The redundant Tiny ranked by L1 on `n` random images, with `n` more as the probe."""
     load_criteria()
     dense = _redundant_tiny()
     example = torch.zeros(2, 3, 8, 8)
     layers = find_prunable_layers(dense, example)
     g = torch.Generator().manual_seed(0)
-    images, probe = (torch.randn(n, 3, 8, 8, generator=g) for n in (64, 64))
-    rankings = CRITERIA.get("l1")(RankContext(model=dense, layers=layers, images=images, labels=torch.arange(64) % 3,
+    images, probe = (torch.randn(n, 3, 8, 8, generator=g) for _ in range(2))
+    rankings = CRITERIA.get("l1")(RankContext(model=dense, layers=layers, images=images, labels=torch.arange(n) % 3,
                                               num_classes=3, device=torch.device("cpu")))
+    return dense, example, layers, images, probe, rankings
+
+
+def test_the_sensitivity_is_measured_once_for_every_budget(tmp_path, monkeypatch):
+    """A second budget reads the first one's measured sensitivity from the cache file instead of measuring."""
+    import toolchain.allocation as allocation
+
+    dense, example, layers, images, probe, rankings = _l1_setup(64)
     cache = tmp_path / "sensitivity-x" / "sensitivity.json"
     first, info = allocation.allocate_for_budget(dense, layers, rankings, example, probe, images, Budget("flops", 0.5),
                                                  compensation=True, cache=cache)
@@ -204,22 +210,10 @@ def test_uniform_counts_are_the_largest_single_ratio_within_the_budget(fraction,
     assert held[first] == channels[0] and all(held[n] <= counts[n] for n in counts if n != first)
 
 
-def _context_setup():
-    load_criteria()
-    dense = _redundant_tiny()
-    example = torch.zeros(2, 3, 8, 8)
-    layers = find_prunable_layers(dense, example)
-    g = torch.Generator().manual_seed(0)
-    images, probe = (torch.randn(n, 3, 8, 8, generator=g) for n in (128, 128))
-    rankings = CRITERIA.get("l1")(RankContext(model=dense, layers=layers, images=images, labels=torch.arange(128) % 3,
-                                              num_classes=3, device=torch.device("cpu")))
-    return dense, example, layers, images, probe, rankings
-
-
 def test_sensitivity_without_compensation_is_measured_around_the_uniform_cut():
     """Each point is the damage of the whole context cut with one layer changed, as a plain prune, BN
     re-estimation and KL compute it; the context point is the same for every layer."""
-    dense, example, layers, images, probe, rankings = _context_setup()
+    dense, example, layers, images, probe, rankings = _l1_setup()
     context = uniform_counts(layers, Budget("flops", 0.4))
     sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, images, compensation=False,
                              fractions=(0.5, 0.25), context=context)
@@ -249,7 +243,7 @@ def test_a_budget_without_compensation_measures_in_context_and_keys_its_cache_by
     import toolchain.allocation as allocation
     from toolchain.stages import prune
 
-    dense, example, layers, images, probe, rankings = _context_setup()
+    dense, example, layers, images, probe, rankings = _l1_setup()
     counts, info = allocation.allocate_for_budget(dense, layers, rankings, example, probe, images,
                                                   Budget("flops", 0.4), compensation=False)
     assert info["sensitivity_context"] == uniform_counts(layers, Budget("flops", 0.4))

@@ -209,6 +209,11 @@ def _with(base: Config, **changes: Any) -> Config:
     return build_config({}, {**base.to_dict(), **changes})
 
 
+def _cutout(cfg: dict[str, Any]) -> str:
+    """The setup line's cutout clause ("" when off, and for configs written before the option)."""
+    return f", cutout {cfg['cutout']}" if cfg.get("cutout") else ""
+
+
 def _distill_tag(distill: bool) -> str:
     return "KD" if distill else "CE"
 
@@ -464,7 +469,8 @@ def write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, Any
              f"{cfg['train_subset'] or 'all'}, test subset {cfg['test_subset'] or 'all'}",
              f"- fine-tuning: {cfg['finetune_epochs']} epochs, SGD nesterov lr {cfg['lr']} cosine, batch "
              f"{cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}; distillation "
-             f"(KD) alpha {cfg['distill_alpha']}, T {cfg['distill_temperature']}; device {summary['device']}",
+             f"(KD) alpha {cfg['distill_alpha']}, T {cfg['distill_temperature']}"
+             f"{_cutout(cfg)}; device {summary['device']}",
              f"- ranking samples {cfg['rank_samples']}, BN re-estimation on {cfg['bn_recalibration']} images, "
              f"INT8 calibration {cfg['calibration_method']} on {cfg['calibration_samples']} images",
              f"- latency: ONNX Runtime CPU on this host, target profile {cfg['target']}, {cfg['bench_runs']} runs, "
@@ -631,7 +637,8 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
               f"{cfg['bn_recalibration']} images",
               f"- fine-tuning: {cfg['finetune_epochs']} epochs on every training image, SGD nesterov lr {cfg['lr']} "
               f"cosine, batch {cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}, "
-              f"distillation from the dense model alpha {cfg['distill_alpha']} T {cfg['distill_temperature']}",
+              f"distillation from the dense model alpha {cfg['distill_alpha']} T {cfg['distill_temperature']}"
+              f"{_cutout(cfg)}",
               f"- latency: ONNX Runtime CPU on this host, {cfg['bench_runs']} runs, batch 1, p50", ""]
     lines += ["## Runs", ""]
     for r in rows:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from toolchain.data import DeviceLoader, balanced_indices, load_dataset, random_crop_flip
+from toolchain.data import DeviceLoader, balanced_indices, load_dataset, random_crop_flip, random_cutout
 from toolchain.errors import UserError
 
 
@@ -26,6 +26,36 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
         found = any(torch.equal(out[n], w) or torch.equal(out[n], w.flip(-1))
                     for oy in range(9) for ox in range(9) for w in [padded[n, :, oy:oy + 8, ox:ox + 8]])
         assert found
+
+
+def test_random_cutout_zeroes_one_clipped_square_per_image():
+    x = torch.arange(64 * 2 * 9 * 7, dtype=torch.float32).view(64, 2, 9, 7) + 1  # no zeros inside
+    g = torch.Generator().manual_seed(3)
+    out = random_cutout(x, 4, generator=g)
+    g = torch.Generator().manual_seed(3)  # the same draws, for a plain per-image loop
+    cy, cx = torch.randint(0, 9, (64,), generator=g), torch.randint(0, 7, (64,), generator=g)
+    clipped = 0
+    for n in range(64):
+        want = x[n].clone()
+        top, left = int(cy[n]) - 2, int(cx[n]) - 2
+        want[:, max(top, 0):max(top + 4, 0), max(left, 0):max(left + 4, 0)] = 0
+        assert torch.equal(out[n], want)
+        holes = int((out[n, 0] == 0).sum())
+        assert 1 <= holes <= 16
+        clipped += holes < 16
+    assert 0 < clipped < 64  # centres anywhere: some squares cross a border, most do not
+
+
+def test_loader_applies_cutout_only_when_augmenting(tmp_path):
+    data = load_dataset("digits", None, cache_dir=tmp_path)
+    plain = next(iter(DeviceLoader(data.train, data, 32, torch.device("cpu"), augment=True, seed=0)))[0]
+    cut = next(iter(DeviceLoader(data.train, data, 32, torch.device("cpu"), augment=True, seed=0, cutout=8)))[0]
+    off = next(iter(DeviceLoader(data.train, data, 32, torch.device("cpu"), cutout=8)))[0]
+    zero_rows = (cut == 0).all(1).flatten(1).sum(1)  # pixels zero in every channel: the holes
+    assert (zero_rows >= 16).all() and (zero_rows <= 64).all()
+    changed = cut != plain
+    assert changed.any() and torch.equal(cut[~changed], plain[~changed]) and (cut[changed] == 0).all()
+    assert torch.equal(off, next(iter(DeviceLoader(data.train, data, 32, torch.device("cpu"))))[0])
 
 
 def test_digits_are_real_32x32_rgb_images(tmp_path):

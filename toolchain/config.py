@@ -69,6 +69,7 @@ class Config:
     distill: bool = False
     distill_alpha: float = 0.5
     distill_temperature: float = 4.0
+    cutout: int = 0  # fine-tune augmentation: zero one random SIZE x SIZE square per image (0: off)
     amp: str = "auto"  # auto (bf16 on GPUs, and on CPUs with native bf16) | bf16 | off
     # export, deployable artifacts and checks
     opset: int | None = None  # default: 18, or the target's max_onnx_opset where its TensorRT parses less
@@ -212,6 +213,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     if not cfg.parity_tolerance > 0:
         raise UserError(f"parity_tolerance must be > 0, got {cfg.parity_tolerance}")
+    if cfg.cutout < 0:
+        raise UserError(f"cutout must be >= 0 (0: off), got {cfg.cutout}")
     if not cfg.distill_temperature > 0:
         raise UserError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

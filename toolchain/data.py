@@ -269,12 +269,13 @@ class DeviceLoader:
 
     def __init__(self, split: ImageSplit, data: Dataset, batch_size: int, device: torch.device, *,
                  shuffle: bool = False, augment: bool = False, seed: int = 0, channels_last: bool = False,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, cutout: int = 0):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.data, self.batch_size, self.device = data, batch_size, device
         self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.channels_last, self.rank, self.world = channels_last, rank, world
+        self.cutout = cutout  # with augment: the side of the square zeroed per image (0: none)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -305,6 +306,8 @@ class DeviceLoader:
             if self.augment:
                 x = random_crop_flip(x, pad=4, generator=g)
             x = self.data.normalize(x)
+            if self.augment and self.cutout:
+                x = random_cutout(x, self.cutout, generator=g)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[b]
@@ -323,6 +326,22 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
                   rows, cols]
     flip = torch.rand(n, device=dev, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], crop.flip(3), crop)
+
+
+def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017): zero one ``size`` x ``size`` square per sample, its centre uniform
+    over the image, so squares near a border are clipped. Applied after normalisation, so the square
+    holds the training set's mean, not black."""
+    n, _, h, w = x.shape
+    dev = x.device
+    cy = torch.randint(0, h, (n,), device=dev, generator=generator)
+    cx = torch.randint(0, w, (n,), device=dev, generator=generator)
+    ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    top, left = cy - size // 2, cx - size // 2
+    inside_y = (ys[None] >= top[:, None]) & (ys[None] < top[:, None] + size)  # (n, h)
+    inside_x = (xs[None] >= left[:, None]) & (xs[None] < left[:, None] + size)  # (n, w)
+    hole = inside_y[:, :, None] & inside_x[:, None, :]
+    return x.masked_fill(hole[:, None], 0.0)
 
 
 def count_classes(dataset: str, data_dir: str | None) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from toolchain.data import Dataset, DeviceLoader
 from toolchain.stages import baseline, prune
-from toolchain.stages.base import StageContext
+from toolchain.stages.base import OMIT_IF_NONE, StageContext
 from toolchain.train import distributed as dist_utils
 from toolchain.train.loop import Recipe, evaluate, fit, recalibrate_batchnorm
 from toolchain.util import atomic_torch_save
@@ -38,6 +38,7 @@ class Inputs:
     world: int  # processes under torchrun: the global batch is batch_size x world
     seed: int
     bn_images: int
+    cutout: int | None = field(default=None, metadata=OMIT_IF_NONE)  # square side; None: off (keys from before)
 
 
 @dataclass
@@ -53,7 +54,8 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
                     distill_temperature=inputs.distill_temperature, amp=inputs.amp)
     teacher = baseline.load_model(ctx, inputs.baseline, inputs.model) if inputs.distill else None
     model, history = finetune(model, ctx.data, recipe, ctx.device, folder, batch_size=inputs.batch_size,
-                              seed=inputs.seed, teacher=teacher, bn_images=inputs.bn_images)
+                              seed=inputs.seed, teacher=teacher, bn_images=inputs.bn_images,
+                              cutout=inputs.cutout or 0)
     acc = evaluate(model, DeviceLoader(ctx.data.test, ctx.data, 500, ctx.device), ctx.device, desc="eval finetuned")
     if dist_utils.is_main():
         atomic_torch_save(model.cpu().to(memory_format=torch.contiguous_format).state_dict(), folder / "model.pt")
@@ -67,9 +69,9 @@ def load_model(ctx: StageContext, digest: str, prune_digest: str, model: str) ->
 
 def finetune(model: nn.Module, data: Dataset, recipe: Recipe, device: torch.device, workdir: Path, *,
              batch_size: int, seed: int, teacher: nn.Module | None = None,
-             bn_images: int = 2000) -> tuple[nn.Module, list[dict[str, Any]]]:
+             bn_images: int = 2000, cutout: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
     model = model.to(device, memory_format=torch.channels_last)
-    train = DeviceLoader(data.train, data, batch_size, device, shuffle=True, augment=True, seed=seed,
+    train = DeviceLoader(data.train, data, batch_size, device, shuffle=True, augment=True, seed=seed, cutout=cutout,
                          channels_last=True, rank=dist_utils.rank(), world=dist_utils.world_size())
     test = DeviceLoader(data.test, data, 512, device, channels_last=True)
     if not (workdir / "last.pt").exists():  # a resumed run already has its statistics

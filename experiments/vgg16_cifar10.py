@@ -209,6 +209,12 @@ def _with(base: Config, **changes: Any) -> Config:
     return build_config({}, {**base.to_dict(), **changes})
 
 
+def _trained_baseline(cfg: dict[str, Any]) -> str:
+    """The setup line's baseline when the study trained it."""
+    cut = f", cutout {cfg['baseline_cutout']}" if cfg.get("baseline_cutout") else ""
+    return f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']}{cut})"
+
+
 def _cutout(cfg: dict[str, Any]) -> str:
     """The setup line's cutout clause ("" when off, and for configs written before the option)."""
     return f", cutout {cfg['cutout']}" if cfg.get("cutout") else ""
@@ -452,7 +458,7 @@ def write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, Any
     ok = [r for r in rows if r["status"] == "ok"]
     dense = next((r["acc_dense"] for r in ok if r.get("acc_dense") is not None), None)
     hw = summary["hardware"]
-    baseline = cfg["checkpoint"] or f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']})"
+    baseline = cfg["checkpoint"] or _trained_baseline(cfg)
     lines = [f"# {cfg['model']} on {cfg['dataset']}: CMI and MIPP vs L1 / random / BN-scale at matched FLOPs", "",
              f"Mode: **{'quick (CPU subset)' if summary['quick'] else 'full'}**. {len(ok)} of {len(rows)} runs "
              f"finished; dense top-1 {_pct(dense)}. Written by `experiments/vgg16_cifar10.py`; how to "
@@ -601,7 +607,7 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
     ok = [r for r in rows if r["status"] == "ok"]
     dense = next((r["acc_dense"] for r in ok), None)
     test_images = next((r["test_images"] for r in ok), None)
-    baseline = cfg["checkpoint"] or f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']})"
+    baseline = cfg["checkpoint"] or _trained_baseline(cfg)
     # a study stopped before its end says which planned runs it has not reached, not "n of n"
     planned = summary.get("planned") or [r["name"] for r in rows]
     reached = {r["name"] for r in rows}

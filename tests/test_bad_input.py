@@ -148,7 +148,7 @@ def test_09_every_sweep_value_is_checked_before_the_first_variant(tmp_path, caps
     (["--momentum", "-1"], "momentum"), (["--momentum", "1.5"], "momentum"),
     (["--weight-decay", "-1"], "weight_decay"), (["--parity-tolerance", "-1"], "parity_tolerance"),
     (["--distill-temperature", "0"], "distill_temperature"),
-    (["--cutout", "-1"], "cutout"),
+    (["--cutout", "-1"], "cutout"), (["--baseline-cutout", "-2"], "baseline_cutout"),
 ])
 def test_10_out_of_range_numbers_are_refused(tmp_path, capsys, args, needle):
     _refused(capsys, [*TINY, "--out", str(tmp_path / "out"), *args], needle)

@@ -111,3 +111,18 @@ def test_imagefolder_bad_dirs_are_user_errors(tmp_path, make):
 def test_cifar10_offline_says_how_to_get_it(tmp_path):
     with pytest.raises(UserError, match="cifar-10-python.tar.gz"):
         load_dataset("cifar10", str(tmp_path), cache_dir=tmp_path / "cache")
+
+
+def test_baseline_training_augments_with_its_own_cutout(tmp_path, monkeypatch):
+    """--baseline-cutout reaches the loader the baseline trains on (and only its training loader)."""
+    from toolchain.stages import baseline
+
+    seen = []
+    monkeypatch.setattr(baseline, "fit", lambda model, train, test, *a, **k: seen.append((train, test)))
+    data = load_dataset("digits", None, cache_dir=tmp_path)
+    kw = dict(epochs=1, lr=0.1, batch_size=32, weight_decay=0.0, label_smoothing=0.0, amp="off",
+              device=torch.device("cpu"), workdir=tmp_path, seed=0)
+    baseline.train_baseline(data, "vgg11_bn", cutout=8, **kw)
+    baseline.train_baseline(data, "vgg11_bn", **kw)
+    (train, test), (plain, _) = seen
+    assert (train.augment, train.cutout, test.cutout, plain.cutout) == (True, 8, 0, 0)

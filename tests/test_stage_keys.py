@@ -26,7 +26,7 @@ FIRST = {
     "train_subset": (100, "baseline"), "test_subset": (50, "baseline"), "image_size": (40, "baseline"),
     "batch_size": (64, "baseline"), "model": ("vgg13_bn", "baseline"), "checkpoint": ("CKPT", "baseline"),
     "num_classes": (10, None),  # the data's classes: the checkpoint's own head (with another, see below)
-    "baseline_epochs": (3, "baseline"), "baseline_lr": (0.1, "baseline"),
+    "baseline_epochs": (3, "baseline"), "baseline_lr": (0.1, "baseline"), "baseline_cutout": (16, "baseline"),
     "criterion": ("l1", "rank"), "criterion_options": ({"recon_search": "backward"}, "rank"),
     "rank_samples": (64, "rank"), "keep_ratio": (0.3, "prune"), "keep": ({"features.0": 0.5}, "prune"),
     "protect": ("features.0", "prune"),
@@ -42,7 +42,8 @@ FIRST = {
     "bench_runs": (7, "bench"), "bench_batch_sizes": ([1, 4], "engine"),
 }
 # with a checkpoint the baseline is the checkpoint: its training settings only reach the fine-tune
-WITH_CHECKPOINT = {"baseline_epochs": None, "baseline_lr": None, "batch_size": "finetune", "momentum": "finetune",
+WITH_CHECKPOINT = {"baseline_epochs": None, "baseline_lr": None, "baseline_cutout": None, "batch_size": "finetune",
+                   "momentum": "finetune",
                    "weight_decay": "finetune", "label_smoothing": "finetune", "amp": "finetune"}
 
 
@@ -148,6 +149,11 @@ def test_a_stage_input_added_later_keeps_the_old_keys_while_unset():
     from toolchain.stages import baseline
 
     assert "head_classes" not in key_of(baseline.Inputs(None, "vgg11_bn"))
+    # in a nested input too: the baseline's training recipe without cutout keeps the key it had before cutout
+    training = baseline.Training(1, 0.1, 0.9, 64, 5e-4, 0.1, "off", 1)
+    assert "cutout" not in key_of(baseline.Inputs(None, "vgg11_bn", training=training))["training"]
+    cut = dataclasses.replace(training, cutout=16)
+    assert key_of(baseline.Inputs(None, "vgg11_bn", training=cut))["training"]["cutout"] == 16
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +168,7 @@ def test_a_checkpoint_whose_head_is_replaced_trains_the_baseline(checkpoint, che
     """--num-classes other than the data's: the baseline is trained from the checkpoint with a new head, so the
     head size and the training recipe are in its key; the data's own count changes nothing."""
     base = {**BASE, "checkpoint": checkpoint_7_classes, "num_classes": 7}
-    for field in ("baseline_epochs", "baseline_lr", "batch_size", "momentum", "amp"):
+    for field in ("baseline_epochs", "baseline_lr", "baseline_cutout", "batch_size", "momentum", "amp"):
         assert _changed(base, field, FIRST[field][0], tmp_path) == _rerun("baseline"), field
     cfg = build_config({}, base)
     pre = preflight(cfg)

@@ -41,6 +41,7 @@ class Config:
     # head is replaced by one for the data's classes and the baseline trained from the checkpoint
     baseline_epochs: int = 30
     baseline_lr: float = 0.05
+    baseline_cutout: int = 0  # the baseline's cutout square (see cutout; 0: off)
     # ranking and pruning
     criterion: str = "recon"  # measured best one-shot with compensation (benchmarks/bench_quality.py)
     criterion_options: dict[str, Any] = field(default_factory=dict)
@@ -213,8 +214,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     if not cfg.parity_tolerance > 0:
         raise UserError(f"parity_tolerance must be > 0, got {cfg.parity_tolerance}")
-    if cfg.cutout < 0:
-        raise UserError(f"cutout must be >= 0 (0: off), got {cfg.cutout}")
+    for name in ("cutout", "baseline_cutout"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0 (0: off), got {getattr(cfg, name)}")
     if not cfg.distill_temperature > 0:
         raise UserError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

@@ -251,7 +251,7 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
     at_init = bool(cfg.criterion_options.get("at_init"))
     compensation = "none" if at_init else cfg.compensation  # at init there is no trained network to match
     training = baseline.Training(cfg.baseline_epochs, cfg.baseline_lr, cfg.momentum, cfg.batch_size,
-                                 cfg.weight_decay, cfg.label_smoothing, cfg.amp, world)
+                                 cfg.weight_decay, cfg.label_smoothing, cfg.amp, world, cfg.baseline_cutout or None)
     target, batches = pre.target, tuple(cfg.bench_batch_sizes or sorted({1, *pre.target.batch_sizes}))
     threads = min(target.threads, os.cpu_count() or 1)
     budget = parse_budget(cfg.budget)

@@ -40,10 +40,18 @@ def key_of(inputs: Any) -> dict[str, Any]:
     """The cache key: the inputs as plain JSON values (nested dataclasses become dicts); a field marked
     ``OMIT_IF_NONE`` is left out while None, so adding it did not change every existing key."""
     key = dataclasses.asdict(inputs)
-    for f in dataclasses.fields(inputs):
-        if f.metadata.get("omit_if_none") and key[f.name] is None:
-            del key[f.name]
+    _omit_unset(inputs, key)
     return key
+
+
+def _omit_unset(inputs: Any, key: dict[str, Any]) -> None:
+    """Drop the unset ``OMIT_IF_NONE`` fields from `key`, in nested dataclasses too (baseline.Training)."""
+    for f in dataclasses.fields(inputs):
+        value = getattr(inputs, f.name)
+        if f.metadata.get("omit_if_none") and value is None:
+            del key[f.name]
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _omit_unset(value, key[f.name])
 
 
 def digest_of(name: str, inputs: Any) -> str:

@@ -136,7 +136,7 @@ def model_with_new_head(model_name: str, state: dict[str, torch.Tensor], head_cl
 def train_baseline(data: Dataset, model_name: str, *, epochs: int, lr: float, batch_size: int, weight_decay: float,
                    label_smoothing: float, amp: str, device: torch.device, workdir: Path, seed: int,
                    momentum: float = 0.9, checkpoint: dict[str, torch.Tensor] | None = None,
-                   head_classes: int | None = None) -> nn.Module:
+                   head_classes: int | None = None, cutout: int = 0) -> nn.Module:
     """Train the dense model with the same recipe as fine-tuning (resumable): from scratch, or from `checkpoint`
     (a state dict with a `head_classes`-way head) with a new head for the data's classes."""
     torch.manual_seed(seed)
@@ -146,7 +146,7 @@ def train_baseline(data: Dataset, model_name: str, *, epochs: int, lr: float, ba
         model = model_with_new_head(model_name, checkpoint, head_classes, data.num_classes)
     model = model.to(device, memory_format=torch.channels_last)
     train = DeviceLoader(data.train, data, batch_size, device, shuffle=True, augment=True, seed=seed,
-                         channels_last=True, rank=dist_utils.rank(), world=dist_utils.world_size())
+                         cutout=cutout, channels_last=True, rank=dist_utils.rank(), world=dist_utils.world_size())
     test = DeviceLoader(data.test, data, 512, device, channels_last=True)
     recipe = Recipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     label_smoothing=label_smoothing, amp=amp,
@@ -167,6 +167,7 @@ class Training:
     label_smoothing: float
     amp: str
     world: int  # processes under torchrun: the global batch is batch_size x world
+    cutout: int | None = field(default=None, metadata=OMIT_IF_NONE)  # square side; None: off (keys from before)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
         model = train_baseline(data, inputs.model, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                                momentum=t.momentum, weight_decay=t.weight_decay, label_smoothing=t.label_smoothing,
                                amp=t.amp, device=ctx.device, workdir=folder, seed=inputs.data.seed,
-                               checkpoint=start, head_classes=inputs.head_classes)
+                               checkpoint=start, head_classes=inputs.head_classes, cutout=t.cutout or 0)
     acc = evaluate(model, DeviceLoader(data.test, data, 500, ctx.device), ctx.device, desc="eval dense")
     if dist_utils.is_main():
         atomic_torch_save(model.cpu().state_dict(), folder / "model.pt")

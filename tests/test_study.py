@@ -220,6 +220,7 @@ def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
     data = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert data["gpu"] and data["config"]["checkpoint"] is None and data["config"]["batch_size"] == 256
     assert data["config"]["baseline_cutout"] == 16  # the recipe's, read from configs/vgg16_cifar10_gpu.yaml
+    assert data["config"]["cutout"] == 16  # the GPU plan's fine-tunes
     runs = data["runs"]
     assert [(r["budget"], r["status"], r["criterion"]) for r in runs] == [("flops=0.4", "ok", "recon"),
                                                                           ("flops=0.2", "ok", "recon")]

@@ -599,13 +599,20 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
         if hi - lo < 20:  # runs at one FLOPs level: a 0.1-point-wide axis hid the labels and read as a spread
             mid = (lo + hi) / 2
             ax.set_xlim(mid - 10, mid + 10)
-    # the anchors set the right panel's span: a baseline labelled to the left of a point near its edge ran
-    # over the axis
-    lefts = [100 * r["flops_reduction"] for r in ok if r["group"] == "baseline"]
-    if lefts:
-        lo, hi = right.get_xlim()
-        right.set_xlim(min(lo, min(lefts) - 8), hi)
     fig.tight_layout()
+    # the anchors set the right panel's span: a baseline labelled to the left of a point near its edge ran over
+    # the axis, so widen it until the longest such label fits (its width measured in pixels)
+    lefts = [(100 * r["flops_reduction"], r["name"]) for r in ok if r["group"] == "baseline"]
+    if lefts:
+        renderer = fig.canvas.get_renderer()
+        lo, hi = right.get_xlim()
+        width = right.get_window_extent(renderer).width
+        for x, name in lefts:
+            label = right.text(0, 0, name, fontsize=7)
+            share = min(0.9, (label.get_window_extent(renderer).width + 24) / width)  # of the axis width
+            label.remove()
+            lo = min(lo, (x - share * hi) / (1 - share))  # (x - lo) / (hi - lo) >= share
+        right.set_xlim(lo, hi)
     fig.savefig(path, dpi=120)
 
 

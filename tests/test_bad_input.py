@@ -149,6 +149,7 @@ def test_09_every_sweep_value_is_checked_before_the_first_variant(tmp_path, caps
     (["--weight-decay", "-1"], "weight_decay"), (["--parity-tolerance", "-1"], "parity_tolerance"),
     (["--distill-temperature", "0"], "distill_temperature"),
     (["--cutout", "-1"], "cutout"), (["--baseline-cutout", "-2"], "baseline_cutout"),
+    (["--image-size", "16", "--cutout", "16"], "smaller than image_size"),
 ])
 def test_10_out_of_range_numbers_are_refused(tmp_path, capsys, args, needle):
     _refused(capsys, [*TINY, "--out", str(tmp_path / "out"), *args], needle)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from toolchain.config import build_config
 from toolchain.models import create_model
@@ -212,15 +213,18 @@ def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
     if "small_cnn_for_tests" not in MODELS:
         MODELS.register("small_cnn_for_tests")(lambda num_classes=10: _SmallCNN(num_classes))
     code = study.main(["--gpu", "--device", "cpu", "--dataset", "digits", "--model", "small_cnn_for_tests",
-                       "--image-size", "8", "--baseline-epochs", "1", "--finetune-epochs", "1", "--train-subset", "300",
+                       "--image-size", "8", "--cutout", "4", "--baseline-cutout", "4",
+                       "--baseline-epochs", "1", "--finetune-epochs", "1", "--train-subset", "300",
                        "--test-subset", "100", "--compensation-samples", "64", "--bn-recalibration", "100",
                        "--calibration-samples", "32", "--bench-runs", "2", "--bench-batch-sizes", "1",
                        "--out", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs"), "-q"])
     assert code == 0
     data = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert data["gpu"] and data["config"]["checkpoint"] is None and data["config"]["batch_size"] == 256
-    assert data["config"]["baseline_cutout"] == 16  # the recipe's, read from configs/vgg16_cifar10_gpu.yaml
-    assert data["config"]["cutout"] == 16  # the GPU plan's fine-tunes
+    # cutout 16, the plan's for 32x32 images, is refused at 8x8 (it would blank them): the flags override it
+    assert (data["config"]["baseline_cutout"], data["config"]["cutout"]) == (4, 4)
+    assert study.GPU_PRESET["cutout"] == 16
+    assert yaml.safe_load(study.DEFAULT_RECIPE.read_text())["baseline_cutout"] == 16
     runs = data["runs"]
     assert [(r["budget"], r["status"], r["criterion"]) for r in runs] == [("flops=0.4", "ok", "recon"),
                                                                           ("flops=0.2", "ok", "recon")]

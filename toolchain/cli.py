@@ -58,7 +58,7 @@ HELP = {
     "compensation_samples": "class-balanced training images for the compensation refit",
     "distill": "distil from the dense model while fine-tuning",
     "cutout": "fine-tune augmentation: zero one random SIZE x SIZE square of each training image after "
-              "normalisation (DeVries & Taylor 2017; 16 on 32x32 images), 0 (default) off",
+              "normalisation (DeVries & Taylor 2017; 16 on 32x32 images; smaller than the image), 0 (default) off",
     "baseline_cutout": "the same augmentation when the baseline is trained (no --checkpoint, or a new head): "
                        "the square's side, 0 (default) off",
     "precision": "engine precision: fp32, fp16 or int8 (default: the target's)",

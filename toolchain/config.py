@@ -217,6 +217,8 @@ def validate(cfg: Config) -> None:
     for name in ("cutout", "baseline_cutout"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0 (0: off), got {getattr(cfg, name)}")
+        if getattr(cfg, name) >= cfg.image_size:  # a square as wide as the image blanks most images, or all
+            raise UserError(f"{name} must be smaller than image_size ({cfg.image_size}), got {getattr(cfg, name)}")
     if not cfg.distill_temperature > 0:
         raise UserError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

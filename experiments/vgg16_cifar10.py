@@ -212,13 +212,13 @@ def _with(base: Config, **changes: Any) -> Config:
 
 def _trained_baseline(cfg: dict[str, Any]) -> str:
     """The setup line's baseline when the study trained it."""
-    cut = f", cutout {cfg['baseline_cutout']}" if cfg.get("baseline_cutout") else ""
-    return f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']}{cut})"
+    return (f"trained by the recipe ({cfg['baseline_epochs']} epochs, lr {cfg['baseline_lr']}"
+            f"{_cutout(cfg, 'baseline_cutout')})")
 
 
-def _cutout(cfg: dict[str, Any]) -> str:
-    """The setup line's cutout clause ("" when off, and for configs written before the option)."""
-    return f", cutout {cfg['cutout']}" if cfg.get("cutout") else ""
+def _cutout(cfg: dict[str, Any], key: str = "cutout") -> str:
+    """A setup line's cutout clause ("" when off, and for configs written before the option)."""
+    return f", cutout {cfg[key]}" if cfg.get(key) else ""
 
 
 def _distill_tag(distill: bool) -> str:

@@ -1,8 +1,8 @@
 """Fine-tune stage: re-estimate BN statistics, then SGD + cosine, optionally distilling from the dense model.
 
-Cutout (off by default) is here, not in the baseline: at 60% fewer FLOPs the students fit the training
-set (97.5% training accuracy) and end 0.16 pt below the dense model; with cutout 16 the same cut ended
-0.27 pt above it (docs/STUDY.md)."""
+Cutout (off by default; the baseline has its own, ``baseline_cutout``) matters here: at 60% fewer FLOPs the
+students fit the training set (97.5% training accuracy) and end 0.16 pt below the dense model; with cutout 16
+the same cut ended 0.27 pt above it (docs/STUDY.md)."""
 
 from __future__ import annotations
 

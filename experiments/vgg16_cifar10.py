@@ -565,6 +565,7 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
     # budget's FLOPs, so their labels go to the left of the points and the budget runs' to the right
     palette = ["tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:gray"]
     colours: dict[str, str] = {}
+    labels = []
     for r in ok:
         c = colours.setdefault(r.get("criterion") or r["name"], palette[len(colours) % len(palette)])
         x = 100 * r["flops_ratio"]
@@ -573,10 +574,12 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
         if r.get("acc_oneshot") is not None:
             left.scatter([x], [100 * r["acc_oneshot"]], facecolors="none", edgecolors=c, zorder=3)
             left.plot([x, x], [100 * r["acc_oneshot"], 100 * r["acc_finetuned"]], color=c, lw=0.8, alpha=0.5)
-        left.annotate(r["name"], (x, 100 * r["acc_finetuned"]), textcoords="offset points", fontsize=7, **side)
+        labels.append(left.annotate(r["name"], (x, 100 * r["acc_finetuned"]), textcoords="offset points",
+                                    fontsize=7, **side))
         right.scatter([100 * r["flops_reduction"]], [100 * (r["acc_finetuned"] - r["acc_dense"])], color=c, zorder=3)
-        right.annotate(r["name"], (100 * r["flops_reduction"], 100 * (r["acc_finetuned"] - r["acc_dense"])),
-                       textcoords="offset points", fontsize=7, **side)
+        labels.append(right.annotate(r["name"], (100 * r["flops_reduction"],
+                                                 100 * (r["acc_finetuned"] - r["acc_dense"])),
+                                     textcoords="offset points", fontsize=7, **side))
     dense = next((r["acc_dense"] for r in ok), None)
     if dense is not None:
         left.axhline(100 * dense, color="k", ls="--", lw=0.8, label=f"dense {100 * dense:.2f}%")
@@ -613,7 +616,24 @@ def draw_headline_plot(path: Path, rows: Sequence[dict[str, Any]], anchors: Sequ
             label.remove()
             lo = min(lo, (x - share * hi) / (1 - share))  # (x - lo) / (hi - lo) >= share
         right.set_xlim(lo, hi)
+    _separate_labels(fig, labels)
     fig.savefig(path, dpi=120)
+
+
+def _separate_labels(fig: Any, labels: Sequence[Any]) -> None:
+    """Move labels down until none overlaps one above it: runs a few hundredths of a point apart (L1 and a random
+    seed, say) had their names drawn over each other."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for label in sorted(labels, key=lambda a: -a.get_window_extent(renderer).y1):  # top first
+        for _ in range(len(labels)):
+            box = label.get_window_extent(renderer)
+            hit = next((b for b in placed if box.overlaps(b)), None)
+            if hit is None:
+                break
+            dx, dy = label.xyann
+            label.xyann = (dx, dy - ((box.y1 - hit.y0) + 1) * 72 / fig.dpi)  # offset points from pixels
+        placed.append(label.get_window_extent(renderer))
 
 
 def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, Any]], plot: str | None) -> None:
@@ -626,11 +646,14 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
     planned = summary.get("planned") or [r["name"] for r in rows]
     reached = {r["name"] for r in rows}
     pending = [name for name in planned if name not in reached]
+    merged = summary.get("merged_from") or []
     lines = [f"# {cfg['model']} on {cfg['dataset']}: do pruned models keep their accuracy?", "",
              f"{len(ok)} of {len(planned)} planned runs finished"
              + (f" (not run yet: {', '.join(pending)})" if pending else "")
              + f"; dense top-1 {_pct(dense)} on {test_images} test images. "
-             f"Written by `experiments/vgg16_cifar10.py` from the bundles' manifests; see `docs/STUDY.md`.", ""]
+             f"Written by `experiments/vgg16_cifar10.py` from the bundles' manifests"
+             + (f" (by way of the results.json of {len(merged)} studies with one recipe, listed under Setup)"
+                if merged else "") + "; see `docs/STUDY.md`.", ""]
     lines += ["## What it shows", "", *(f"- {line}" for line in headline_findings(rows)), ""]
     lines += ["## Results", ""]
     lines += _md_table(HEADLINE_HEADER, [_headline_cells(r) for r in ok])
@@ -641,12 +664,19 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
                        [[a["method"], _pct(a["baseline"]), _pct(red, 1), _pct(acc), _pp(acc, a["baseline"]),
                          a["source"]] for a in ANCHORS for red, acc in a["rows"]])
     ended = f"finished {summary['finished']}" if summary.get("finished") else "still running when this was written"
-    lines += ["## Setup", "",
-              f"- study command: `{summary['command']}`",
-              f"- started {summary['started']}, {ended}; this invocation's wall time "
-              f"{summary['wall_seconds'] / 60:.1f} min (stages already in the cache are not recomputed: each run's "
-              "compute minutes below are the seconds its stages took when they were computed)",
-              f"- hardware: CPU {hw['cpu']} ({hw['cpu_count']} logical CPUs), "
+    lines += ["## Setup", ""]
+    if merged:
+        lines += [f"- merged by `{summary['command']}` from {len(merged)} studies (each run's compute minutes below "
+                  "are the seconds its stages took when they were computed):"]
+        lines += [f"  - `{m['command']}`: started {m['started']}, "
+                  + (f"finished {m['finished']}" if m.get("finished") else "stopped before its end")
+                  + f", wall time {float(m.get('wall_seconds') or 0.0) / 60:.1f} min" for m in merged]
+    else:
+        lines += [f"- study command: `{summary['command']}`",
+                  f"- started {summary['started']}, {ended}; this invocation's wall time "
+                  f"{summary['wall_seconds'] / 60:.1f} min (stages already in the cache are not recomputed: each "
+                  "run's compute minutes below are the seconds its stages took when they were computed)"]
+    lines += [f"- hardware: CPU {hw['cpu']} ({hw['cpu_count']} logical CPUs), "
               f"GPU {', '.join(hw['gpus']) or 'none'}; {hw['system']}; device {summary['device']}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
               f"- baseline: {baseline}",
@@ -715,6 +745,88 @@ def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list
             **{k: out_dir / v for k, v in plots.items()}}
 
 
+# -- merging studies ---------------------------------------------------------------------------------------
+# a study's config is its base: budgets, keep ratios and the baselines' criteria are set per run, so of its values
+# only the bundles' name prefix may differ between studies with one recipe
+PER_STUDY_KEYS = ("run_name",)
+SAME_RUN_KEYS = ("flops_ratio", "acc_oneshot", "acc_finetuned", "acc_int8")  # not the command: a flag added later
+
+
+def merge_results(paths: Sequence[Path], command: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One headline table from the ``results.json`` of several headline studies run with one recipe: a table
+    whose runs took several sessions (the stage cache does not outlive a checkout), or probes that each added
+    runs. Every run once (by name), in the order given; the setup lists each source study's command.
+
+    Refused (``UserError``, nothing written) when a file is not a headline study's results, the recipes differ
+    (every config value but the run-name prefix, and the baseline's training when a checkpoint is given;
+    a value missing from an older file is the default), the
+    hardware or library versions differ (latencies and minutes would not compare), a run reads differently in
+    two files, or a matched baseline is matched to FLOPs other than the first budget's (the findings compare
+    the first budget with the baselines)."""
+    defaults = build_config({}, {}).to_dict()
+    sources: list[tuple[Path, dict[str, Any]]] = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--merge: cannot read {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("plan") != "headline" or not isinstance(data.get("runs"), list):
+            raise UserError(f"--merge: {path} is not the results.json of a headline study")
+        sources.append((Path(path), data))
+
+    def recipe(data: dict[str, Any]) -> dict[str, Any]:
+        cfg = {k: v for k, v in {**defaults, **data["config"]}.items() if k not in PER_STUDY_KEYS}
+        if cfg.get("checkpoint"):  # how a baseline would be trained does not matter when it is given
+            cfg = {k: v for k, v in cfg.items() if not k.startswith("baseline_")}
+        return cfg
+
+    (first_path, first) = sources[0]
+    for path, data in sources[1:]:
+        for what, mine, theirs in (("recipe", recipe(first), recipe(data)),
+                                   ("distillation", first.get("distill_modes"), data.get("distill_modes")),
+                                   ("hardware", first.get("hardware"), data.get("hardware")),
+                                   ("library versions", first.get("versions"), data.get("versions"))):
+            if mine != theirs:
+                diff = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k)) \
+                    if isinstance(mine, dict) and isinstance(theirs, dict) else []
+                raise UserError(f"--merge: {path} and {first_path} differ in {what}"
+                                + (f" ({', '.join(diff)})" if diff else ""))
+    runs: dict[str, dict[str, Any]] = {}
+    for path, data in sources:
+        for run in data["runs"]:
+            row = {"distill": (data.get("distill_modes") or [True])[0], **run}
+            if row.get("flops_ratio") is not None:
+                row["flops_reduction"] = 1.0 - row["flops_ratio"]
+            if row.get("params_ratio") is not None:
+                row["params_reduction"] = 1.0 - row["params_ratio"]
+            seen = runs.get(row["name"])
+            if seen is None:
+                runs[row["name"]] = row
+            elif any(seen.get(k) != row.get(k) for k in SAME_RUN_KEYS):
+                raise UserError(f"--merge: the run {row['name']!r} reads differently in {path} and an earlier file")
+    rows = list(runs.values())
+    budgets = [r for r in rows if r.get("group") == "budget" and r.get("status") == "ok"]
+    tol = float(first.get("level_tol") or 0.005)
+    for r in rows:
+        if r.get("group") == "baseline" and r.get("target_flops") is not None and (
+                not budgets or abs(r["target_flops"] - budgets[0]["flops_ratio"]) > tol):
+            raise UserError(f"--merge: {r['name']!r} is matched to {_pct(r['target_flops'])} of the FLOPs, not to "
+                            "the first budget run's; give the file of the run it was matched to first")
+    summary = {k: first.get(k) for k in ("study", "plan", "gpu", "quick", "hardware", "versions", "device",
+                                         "distill_modes", "level_tol")}
+    finished = [data.get("finished") for _, data in sources]
+    summary.update({
+        "command": command, "config": {**defaults, **first["config"], "run_name": None},
+        "started": min(data["started"] for _, data in sources),
+        "finished": None if None in finished else max(finished),
+        "wall_seconds": round(sum(float(data.get("wall_seconds") or 0.0) for _, data in sources), 1),
+        "budgets": [r["budget"] for r in budgets], "planned": [r["name"] for r in rows],
+        "merged_from": [{"path": str(path), "command": data["command"], "started": data["started"],
+                         "finished": data.get("finished"), "wall_seconds": data.get("wall_seconds")}
+                        for path, data in sources]})
+    return summary, rows
+
+
 # -- command line ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from toolchain.cli import add_config_flags
@@ -755,6 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--level-tol", type=float, default=0.005,
                         help="FLOPs fractions closer than this share one matched level (default %(default)s)")
     parser.add_argument("--plan-only", action="store_true", help="print the primary variants and exit")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
+                        help="write one table to --out-dir from the results.json of headline studies run with one "
+                             "recipe (each run once, in the order given; the baselines' budget first); runs nothing "
+                             "and takes no other option but -q")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     add_config_flags(parser)
     return parser
@@ -818,6 +934,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("study: run it as one process; it runs the variants one after another on one device\n")
         return 2
     try:
+        if args.merge is not None:
+            return merge_studies(args, argv)
         base, distill = resolve_base(args)
         if args.plan == "headline":
             default = "" if args.gpu else ",".join(HEADLINE_MATCHED)
@@ -851,6 +969,35 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         sys.stderr.write(f"study: error: {e}\n")
         return 2
+
+
+def merge_studies(args: argparse.Namespace, argv: list[str]) -> int:
+    defaults = vars(build_parser().parse_args([]))
+    extra = sorted(k for k, v in vars(args).items() if k not in ("merge", "out_dir", "quiet", "plan")
+                   and v != defaults.get(k))
+    if extra:
+        raise UserError(f"--merge takes only --out-dir and -q, got --{extra[0].replace('_', '-')}")
+    out_dir = Path(args.out_dir)
+    if (out_dir / "results.json").resolve() in {Path(p).resolve() for p in args.merge}:
+        raise UserError(f"--merge: --out-dir {out_dir} would overwrite one of the files merged")
+    script = os.path.relpath(Path(__file__).resolve())
+    summary, rows = merge_results([Path(p) for p in args.merge], shlex.join(["python", script, *argv]))
+    written = write_outputs(out_dir, out_dir, summary, rows, [])
+    print_rows(f"study: {len(rows)} runs merged from {len(args.merge)} studies", rows, written)
+    return 0
+
+
+def print_rows(title: str, rows: Sequence[dict[str, Any]], written: dict[str, Path]) -> None:
+    print(title)
+    for r in rows:
+        if r["status"] == "ok":
+            print(f"  {r['name']:32s} {_distill_tag(r['distill'])}  FLOPs {_pct(r['flops_ratio'])}  "
+                  f"top-1 {_pct(r['acc_finetuned'])}  INT8 {_pct(r.get('acc_int8'))}  "
+                  f"p50 {_ms(r.get('latency_p50_ms'))} ms")
+        else:
+            print(f"  {r['name']:32s} {_distill_tag(r['distill'])}  FAILED {r['error']}")
+    for name, path in written.items():
+        print(f"study {name}: {path}")
 
 
 def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: list[bool],
@@ -922,16 +1069,7 @@ def run_study(args: argparse.Namespace, argv: list[str], base: Config, distill: 
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     written = write_outputs(Path(args.out_dir), work, summary, rows, levels)
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"study: {ok}/{len(rows)} runs ok in {summary['wall_seconds'] / 60:.1f} min")
-    for r in rows:
-        if r["status"] == "ok":
-            print(f"  {r['name']:32s} {_distill_tag(r['distill'])}  FLOPs {_pct(r['flops_ratio'])}  "
-                  f"top-1 {_pct(r['acc_finetuned'])}  INT8 {_pct(r.get('acc_int8'))}  "
-                  f"p50 {_ms(r.get('latency_p50_ms'))} ms")
-        else:
-            print(f"  {r['name']:32s} {_distill_tag(r['distill'])}  FAILED {r['error']}")
-    for name, path in written.items():
-        print(f"study {name}: {path}")
+    print_rows(f"study: {ok}/{len(rows)} runs ok in {summary['wall_seconds'] / 60:.1f} min", rows, written)
     return 0
 
 

@@ -261,3 +261,102 @@ def test_a_resumed_fine_tune_counts_every_epoch_it_took(study, tmp_path):
         (work / name / "done.json").write_text(json.dumps(result))
     manifest = {"stages": {"finetune": "finetune-a", "prune": "prune-b", "bench": "bench-missing"}}
     assert study.stage_seconds(tmp_path / "run", manifest) == {"finetune": 490.0, "prune": 30.0}
+
+
+def _headline_row(**changes):
+    row = {"name": "recon flops=0.4", "group": "budget", "status": "ok", "budget": "flops=0.4", "flops_ratio": 0.4,
+           "flops_reduction": 0.6, "params_reduction": 0.7, "params_ratio": 0.3, "channels_removed": 1708,
+           "channels_dense": 4224, "acc_dense": 0.8929, "acc_oneshot": 0.8818, "acc_finetuned": 0.8951,
+           "acc_int8": 0.895, "test_images": 10000, "train_images": 50000, "latency_p50_ms": 17.0,
+           "dense_latency_p50_ms": 43.0, "compute_seconds": 3000.0, "stage_seconds": {"finetune": 2400.0},
+           "command": "build-edge --budget flops=0.4", "level": None, "target_flops": None, "seed": 0}
+    return {**row, **changes}
+
+
+def _write_study(study, folder, rows, command, **config):
+    summary = {"plan": "headline", "command": command, "started": "t0", "finished": "t1", "wall_seconds": 600.0,
+               "device": "cpu", "versions": {"torch": "x"}, "distill_modes": [True], "level_tol": 0.005,
+               "hardware": {"cpu": "cpu", "cpu_count": 2, "gpus": [], "system": "Linux"},
+               "config": build_config({}, {"checkpoint": "base.pt", **config}).to_dict()}
+    return study.write_outputs(folder, folder, summary, rows, [])["json"]
+
+
+def test_merge_writes_one_table_from_studies_with_one_recipe(study, tmp_path, capsys):
+    """A table whose runs took several invocations (the cache does not outlive a checkout): each run once, the
+    findings across files, every source command under Setup."""
+    lead = _headline_row()
+    l1 = _headline_row(name="l1 @0.63", group="baseline", budget=None, criterion="l1", acc_finetuned=0.8901,
+                       target_flops=0.4, command="build-edge --criterion l1")
+    small = _headline_row(name="recon flops=0.2", budget="flops=0.2", flops_ratio=0.2, acc_finetuned=0.8869)
+    a = _write_study(study, tmp_path / "a", [lead, l1], "python study --baselines l1", cutout=16)
+    # a later file: an older one lacked baseline_cutout, which does not matter with a checkpoint
+    b = _write_study(study, tmp_path / "b", [small], "python study --budgets flops=0.2", cutout=16, baseline_cutout=16,
+                     run_name="other-prefix")
+    c = _write_study(study, tmp_path / "c", [lead], "python study --baselines ''", cutout=16)
+    out = tmp_path / "merged"
+    assert study.main(["--merge", str(a), str(b), str(c), "--out-dir", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["recon flops=0.4", "l1 @0.63", "recon flops=0.2"]
+    assert [s["command"] for s in data["merged_from"]] == ["python study --baselines l1",
+                                                           "python study --budgets flops=0.2",
+                                                           "python study --baselines ''"]
+    md = (out / "results.md").read_text()
+    assert "recon flops=0.4 vs l1 @0.63" in md and "+0.50 pt after the same fine-tune" in md
+    assert "recon flops=0.2: 80.0% fewer FLOPs, top-1 88.69%" in md
+    assert "`python study --budgets flops=0.2`: started t0, finished t1, wall time 10.0 min" in md
+    assert "cutout 16" in md and "3 of 3 planned runs finished" in md
+    assert "3 runs merged from 3 studies" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("recipe", "differ in recipe (cutout)"),
+    ("numbers", "the run 'recon flops=0.4' reads differently"),
+    ("matched", "'l1 @0.63' is matched to 40.00% of the FLOPs, not to the first budget run's"),
+    ("flag", "--merge takes only --out-dir and -q, got --budgets"),
+    ("overwrite", "would overwrite one of the files merged"),
+    ("not-headline", "is not the results.json of a headline study"),
+])
+def test_merge_refuses_what_would_not_compare(study, tmp_path, capsys, case, needle):
+    lead = _headline_row()
+    a = _write_study(study, tmp_path / "a", [lead], "python study", cutout=16)
+    rows, config, extra, out = [lead], {"cutout": 16}, [], tmp_path / "merged"
+    if case == "recipe":
+        config = {"cutout": 0}
+    elif case == "numbers":
+        rows = [_headline_row(acc_finetuned=0.8850)]
+    elif case == "matched":
+        rows = [_headline_row(name="recon flops=0.2", budget="flops=0.2", flops_ratio=0.2),
+                _headline_row(name="l1 @0.63", group="baseline", budget=None, target_flops=0.4)]
+        a = _write_study(study, tmp_path / "a", rows, "python study", cutout=16)  # its budget run comes second
+        rows = [lead]
+    elif case == "flag":
+        extra = ["--budgets", "flops=0.3"]
+    elif case == "overwrite":
+        out = tmp_path / "a"
+    b = _write_study(study, tmp_path / "b", rows, "python study", **config)
+    if case == "not-headline":
+        b.write_text(json.dumps({"plan": "cmi", "rows": []}))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert study.main(["--merge", str(a), str(b), *extra, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_plot_labels_of_runs_at_one_point_do_not_overlap(study):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.set(xlim=(0, 10), ylim=(0, 10))
+    labels = [ax.annotate(name, (5, y), textcoords="offset points", xytext=(-5, 3), ha="right", fontsize=7)
+              for name, y in (("l1 @0.6318", 5.0), ("random @0.6318 seed 1", 4.99), ("far", 1.0))]
+    renderer = fig.canvas.get_renderer()
+    overlapping = (lambda: [(i, j) for i in range(3) for j in range(i + 1, 3)
+                            if labels[i].get_window_extent(renderer).overlaps(labels[j].get_window_extent(renderer))])
+    assert overlapping() == [(0, 1)]
+    study._separate_labels(fig, labels)
+    assert overlapping() == []
+    assert labels[2].xyann == (-5, 3)  # a label clear of the others stays where it was

@@ -747,8 +747,8 @@ def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list
 
 # -- merging studies ---------------------------------------------------------------------------------------
 # a study's config is its base: budgets, keep ratios and the baselines' criteria are set per run, so of its values
-# only the bundles' name prefix may differ between studies with one recipe
-PER_STUDY_KEYS = ("run_name",)
+# only where the bundles go may differ between studies with one recipe
+PER_STUDY_KEYS = ("run_name", "out")
 SAME_RUN_KEYS = ("flops_ratio", "acc_oneshot", "acc_finetuned", "acc_int8")  # not the command: a flag added later
 
 
@@ -758,11 +758,10 @@ def merge_results(paths: Sequence[Path], command: str) -> tuple[dict[str, Any], 
     runs. Every run once (by name), in the order given; the setup lists each source study's command.
 
     Refused (``UserError``, nothing written) when a file is not a headline study's results, the recipes differ
-    (every config value but the run-name prefix, and the baseline's training when a checkpoint is given;
-    a value missing from an older file is the default), the
-    hardware or library versions differ (latencies and minutes would not compare), a run reads differently in
-    two files, or a matched baseline is matched to FLOPs other than the first budget's (the findings compare
-    the first budget with the baselines)."""
+    (every config value but where the bundles go, and the baseline's training when a checkpoint is given; a
+    value missing from an older file is the default), the hardware or library versions differ (latencies and
+    minutes would not compare), a run reads differently in two files, or a baseline is matched to FLOPs other
+    than the first budget run's (the findings compare the first budget with the baselines)."""
     defaults = build_config({}, {}).to_dict()
     sources: list[tuple[Path, dict[str, Any]]] = []
     for path in paths:
@@ -770,7 +769,8 @@ def merge_results(paths: Sequence[Path], command: str) -> tuple[dict[str, Any], 
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"--merge: cannot read {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("plan") != "headline" or not isinstance(data.get("runs"), list):
+        if not isinstance(data, dict) or data.get("plan") != "headline" or not isinstance(data.get("runs"), list) \
+                or not isinstance(data.get("config"), dict) or "started" not in data:
             raise UserError(f"--merge: {path} is not the results.json of a headline study")
         sources.append((Path(path), data))
 

@@ -27,10 +27,13 @@ bundles' manifest metrics, see ``toolchain.sweep.sweep_row``) go to ``--out-dir`
 bundles, work files and the full sweep reports stay under ``--out`` (git-ignored ``runs/``). A variant that
 fails (an unfinished criterion option, say) is recorded with its error and the study goes on.
 
-    # the headline plan on the CPU (what docs/study holds)
-    .venv/bin/python experiments/vgg16_cifar10.py --target jetson --finetune-epochs 4 --bench-runs 30
+    # the headline plan on the CPU (what docs/study holds: its recipe, from studies run in two sessions)
+    .venv/bin/python experiments/vgg16_cifar10.py --target jetson --finetune-epochs 15 --lr 0.01 --cutout 16 \
+        --bench-runs 30
     # the GPU plan
     .venv/bin/python experiments/vgg16_cifar10.py --gpu
+    # one table from headline studies run with one recipe in several sessions (runs nothing)
+    .venv/bin/python experiments/vgg16_cifar10.py --merge docs/study/a/results.json docs/study/b/results.json
     # cmi plan, quick CPU run (minutes): a few variants on subsets, 1 fine-tuning epoch
     .venv/bin/python experiments/vgg16_cifar10.py --quick --dataset imagefolder --data-dir .data/cifar10 \\
         --normalization cifar10 --checkpoint ../shared/models/vgg16_bn_cifar10.pt

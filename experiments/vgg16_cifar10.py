@@ -668,19 +668,25 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
                          a["source"]] for a in ANCHORS for red, acc in a["rows"]])
     ended = f"finished {summary['finished']}" if summary.get("finished") else "still running when this was written"
     lines += ["## Setup", ""]
+    host = "each run's machine" if summary.get("mixed_hardware") else "this host"
     if merged:
         lines += [f"- merged by `{summary['command']}` from {len(merged)} studies (each run's compute minutes below "
                   "are the seconds its stages took when they were computed):"]
         lines += [f"  - `{m['command']}`: started {m['started']}, "
                   + (f"finished {m['finished']}" if m.get("finished") else "stopped before its end")
-                  + f", wall time {float(m.get('wall_seconds') or 0.0) / 60:.1f} min" for m in merged]
+                  + f", wall time {float(m.get('wall_seconds') or 0.0) / 60:.1f} min"
+                  + (f", on {_machine(m.get('hardware') or {})}" if summary.get("mixed_hardware") else "")
+                  for m in merged]
     else:
         lines += [f"- study command: `{summary['command']}`",
                   f"- started {summary['started']}, {ended}; this invocation's wall time "
                   f"{summary['wall_seconds'] / 60:.1f} min (stages already in the cache are not recomputed: each "
                   "run's compute minutes below are the seconds its stages took when they were computed)"]
-    lines += [f"- hardware: CPU {hw['cpu']} ({hw['cpu_count']} logical CPUs), "
-              f"GPU {', '.join(hw['gpus']) or 'none'}; {hw['system']}; device {summary['device']}",
+    lines += [(f"- hardware: **not one machine**: each study's above; a run's latencies and compute minutes are its "
+               f"own machine's (named under Runs), so they compare only within one machine; device {summary['device']}"
+               if summary.get("mixed_hardware") else
+               f"- hardware: CPU {hw['cpu']} ({hw['cpu_count']} logical CPUs), "
+               f"GPU {', '.join(hw['gpus']) or 'none'}; {hw['system']}; device {summary['device']}"),
               "- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
               f"- baseline: {baseline}",
               f"- data: {cfg['dataset']}{' ' + cfg['data_dir'] if cfg['data_dir'] else ''}, train subset "
@@ -692,14 +698,15 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
               f"cosine, batch {cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}, "
               f"distillation from the dense model alpha {cfg['distill_alpha']} T {cfg['distill_temperature']}"
               f"{_cutout(cfg)}",
-              f"- latency: ONNX Runtime CPU on this host, {cfg['bench_runs']} runs, batch 1, p50", ""]
+              f"- latency: ONNX Runtime CPU on {host}, {cfg['bench_runs']} runs, batch 1, p50", ""]
     lines += ["## Runs", ""]
     for r in rows:
         if r["status"] != "ok":
             lines += [f"- **{r['name']}**: FAILED {r.get('error', '?')}"]
             continue
         stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in r["stage_seconds"].items() if v >= 0.05 * 60)
-        lines += [f"- **{r['name']}** ({r['compute_seconds'] / 60:.1f} min: {stages}):", "",
+        on = f" on {r['machine']}" if r.get("machine") else ""
+        lines += [f"- **{r['name']}** ({r['compute_seconds'] / 60:.1f} min{on}: {stages}):", "",
                   f"  `{r['command']}`", ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
 
@@ -719,7 +726,8 @@ def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list
                                         "params_ratio", "channels_removed", "channels_dense", "acc_dense",
                                         "acc_oneshot", "acc_finetuned", "acc_int8", "test_images", "train_images",
                                         "latency_p50_ms", "dense_latency_p50_ms", "compute_seconds", "stage_seconds",
-                                        "command", "error", "level", "target_flops", "seed")} for r in rows]
+                                        "command", "error", "level", "target_flops", "seed", "machine")}
+                for r in rows]
         (out_dir / "results.json").write_text(json.dumps(
             {**summary, "anchors": list(ANCHORS), "plot": plot, "runs": runs}, indent=1, default=str) + "\n")
         write_headline_markdown(out_dir / "results.md", summary, rows, plot)
@@ -755,7 +763,8 @@ PER_STUDY_KEYS = ("run_name", "out")
 SAME_RUN_KEYS = ("flops_ratio", "acc_oneshot", "acc_finetuned", "acc_int8")  # not the command: a flag added later
 
 
-def merge_results(paths: Sequence[Path], command: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def merge_results(paths: Sequence[Path], command: str, *,
+                  mixed_hardware: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One headline table from the ``results.json`` of several headline studies run with one recipe: a table
     whose runs took several sessions (the stage cache does not outlive a checkout), or probes that each added
     runs. Every run once (by name), in the order given; the setup lists each source study's command.
@@ -763,8 +772,9 @@ def merge_results(paths: Sequence[Path], command: str) -> tuple[dict[str, Any], 
     Refused (``UserError``, nothing written) when a file is not a headline study's results, the recipes differ
     (every config value but where the bundles go, and the baseline's training when a checkpoint is given; a
     value missing from an older file is the default), the hardware or library versions differ (latencies and
-    minutes would not compare), a run reads differently in two files, or a baseline is matched to FLOPs other
-    than the first budget run's (the findings compare the first budget with the baselines)."""
+    minutes would not compare; ``mixed_hardware`` allows it, and every run then names its machine), a run reads
+    differently in two files, or a baseline is matched to FLOPs other than the first budget run's (the findings
+    compare the first budget with the baselines)."""
     defaults = build_config({}, {}).to_dict()
     sources: list[tuple[Path, dict[str, Any]]] = []
     for path in paths:
@@ -789,15 +799,20 @@ def merge_results(paths: Sequence[Path], command: str) -> tuple[dict[str, Any], 
                                    ("distillation", first.get("distill_modes"), data.get("distill_modes")),
                                    ("hardware", first.get("hardware"), data.get("hardware")),
                                    ("library versions", first.get("versions"), data.get("versions"))):
-            if mine != theirs:
+            if mine != theirs and not (what == "hardware" and mixed_hardware):
                 diff = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k)) \
                     if isinstance(mine, dict) and isinstance(theirs, dict) else []
                 raise UserError(f"--merge: {path} and {first_path} differ in {what}"
-                                + (f" ({', '.join(diff)})" if diff else ""))
+                                + (f" ({', '.join(diff)})" if diff else "")
+                                + ("; --mixed-hardware merges them, each run naming its machine"
+                                   if what == "hardware" else ""))
+    mixed = len({json.dumps(data.get("hardware"), sort_keys=True) for _, data in sources}) > 1
     runs: dict[str, dict[str, Any]] = {}
     for path, data in sources:
         for run in data["runs"]:
             row = {"distill": (data.get("distill_modes") or [True])[0], **run}
+            if mixed:  # its latencies and minutes are this machine's
+                row["machine"] = _machine(data.get("hardware") or {})
             if row.get("flops_ratio") is not None:
                 row["flops_reduction"] = 1.0 - row["flops_ratio"]
             if row.get("params_ratio") is not None:
@@ -825,9 +840,15 @@ def merge_results(paths: Sequence[Path], command: str) -> tuple[dict[str, Any], 
         "wall_seconds": round(sum(float(data.get("wall_seconds") or 0.0) for _, data in sources), 1),
         "budgets": [r["budget"] for r in budgets], "planned": [r["name"] for r in rows],
         "merged_from": [{"path": str(path), "command": data["command"], "started": data["started"],
-                         "finished": data.get("finished"), "wall_seconds": data.get("wall_seconds")}
-                        for path, data in sources]})
+                         "finished": data.get("finished"), "wall_seconds": data.get("wall_seconds"),
+                         "hardware": data.get("hardware")} for path, data in sources],
+        "mixed_hardware": mixed})
     return summary, rows
+
+
+def _machine(hw: dict[str, Any]) -> str:
+    gpus = ", ".join(hw.get("gpus") or []) or "none"
+    return f"CPU {hw.get('cpu')} ({hw.get('cpu_count')} logical CPUs), GPU {gpus}; {hw.get('system')}"
 
 
 # -- command line ------------------------------------------------------------------------------------------
@@ -870,10 +891,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--level-tol", type=float, default=0.005,
                         help="FLOPs fractions closer than this share one matched level (default %(default)s)")
     parser.add_argument("--plan-only", action="store_true", help="print the primary variants and exit")
+    parser.add_argument("--mixed-hardware", action="store_true",
+                        help="--merge: allow studies run on different machines (each run then names its machine; "
+                             "latencies and minutes compare only within one)")
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
                         help="write one table to --out-dir from the results.json of headline studies run with one "
                              "recipe (each run once, in the order given; the baselines' budget first); runs nothing "
-                             "and takes no other option but -q")
+                             "and takes no other option but -q and --mixed-hardware")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     add_config_flags(parser)
     return parser
@@ -939,6 +963,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.merge is not None:
             return merge_studies(args, argv)
+        if args.mixed_hardware:
+            raise UserError("--mixed-hardware goes with --merge")
         base, distill = resolve_base(args)
         if args.plan == "headline":
             default = "" if args.gpu else ",".join(HEADLINE_MATCHED)
@@ -976,15 +1002,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge_studies(args: argparse.Namespace, argv: list[str]) -> int:
     defaults = vars(build_parser().parse_args([]))
-    extra = sorted(k for k, v in vars(args).items() if k not in ("merge", "out_dir", "quiet", "plan")
+    extra = sorted(k for k, v in vars(args).items() if k not in ("merge", "mixed_hardware", "out_dir", "quiet", "plan")
                    and v != defaults.get(k))
     if extra:
-        raise UserError(f"--merge takes only --out-dir and -q, got --{extra[0].replace('_', '-')}")
+        raise UserError(f"--merge takes only --out-dir, --mixed-hardware and -q, got --{extra[0].replace('_', '-')}")
     out_dir = Path(args.out_dir)
     if (out_dir / "results.json").resolve() in {Path(p).resolve() for p in args.merge}:
         raise UserError(f"--merge: --out-dir {out_dir} would overwrite one of the files merged")
     script = os.path.relpath(Path(__file__).resolve())
-    summary, rows = merge_results([Path(p) for p in args.merge], shlex.join(["python", script, *argv]))
+    summary, rows = merge_results([Path(p) for p in args.merge], shlex.join(["python", script, *argv]),
+                                  mixed_hardware=args.mixed_hardware)
     written = write_outputs(out_dir, out_dir, summary, rows, [])
     print_rows(f"study: {len(rows)} runs merged from {len(args.merge)} studies", rows, written)
     return 0

@@ -348,13 +348,15 @@ def test_a_build_with_a_latency_budget_reports_predicted_against_measured(tmp_pa
         raise AssertionError("the latency table was measured again")
 
     monkeypatch.setattr(latency_stage, "_measure", measure_again)
-    code, _, err = _run_cli([*args[:args.index("--budget") + 1], "latency=0.6x",
+    # a looser budget than the first, which was met: 0.6x could not be on an AMD EPYC host (its smallest widths
+    # measure more than 0.6x of the dense model there), and this checks the cache, not the allocation
+    code, _, err = _run_cli([*args[:args.index("--budget") + 1], "latency=0.8x",
                              *args[args.index("--budget") + 2:], "--run-name", "lat2"], capsys)
     assert code == 0, err
     again = LatencyTable.load(tmp_path / "lat2" / "latency_table.json")
     assert again.entries == table.entries and again.dense_ms == table.dense_ms
     lb2 = json.loads((tmp_path / "lat2" / "manifest.json").read_text())["metrics"]["latency_budget"]
-    assert lb2["budget_ms"] == pytest.approx(0.6 * table.dense_ms)
+    assert lb2["budget_ms"] == pytest.approx(0.8 * table.dense_ms)
 
 
 def test_the_budget_is_aimed_by_what_the_pruned_model_measures():

@@ -312,7 +312,8 @@ def test_merge_writes_one_table_from_studies_with_one_recipe(study, tmp_path, ca
     ("recipe", "differ in recipe (cutout)"),
     ("numbers", "the run 'recon flops=0.4' reads differently"),
     ("matched", "'l1 @0.63' is matched to 40.00% of the FLOPs, not to the first budget run's"),
-    ("flag", "--merge takes only --out-dir and -q, got --budgets"),
+    ("flag", "--merge takes only --out-dir, --mixed-hardware and -q, got --budgets"),
+    ("hardware", "differ in hardware (cpu); --mixed-hardware merges them"),
     ("overwrite", "would overwrite one of the files merged"),
     ("not-headline", "is not the results.json of a headline study"),
 ])
@@ -331,9 +332,14 @@ def test_merge_refuses_what_would_not_compare(study, tmp_path, capsys, case, nee
         rows = [lead]
     elif case == "flag":
         extra = ["--budgets", "flops=0.3"]
+    elif case == "hardware":
+        b = _write_study(study, tmp_path / "b", rows, "python study", cutout=16)
+        data = json.loads(b.read_text())
+        b.write_text(json.dumps({**data, "hardware": {**data["hardware"], "cpu": "another cpu"}}))
     elif case == "overwrite":
         out = tmp_path / "a"
-    b = _write_study(study, tmp_path / "b", rows, "python study", **config)
+    if case != "hardware":
+        b = _write_study(study, tmp_path / "b", rows, "python study", **config)
     if case == "not-headline":
         b.write_text(json.dumps({"plan": "cmi", "rows": []}))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -360,3 +366,23 @@ def test_plot_labels_of_runs_at_one_point_do_not_overlap(study):
     study._separate_labels(fig, labels)
     assert overlapping() == []
     assert labels[2].xyann == (-5, 3)  # a label clear of the others stays where it was
+
+
+def test_merge_across_machines_names_each_runs_machine(study, tmp_path):
+    lead = _headline_row()
+    small = _headline_row(name="recon flops=0.2", budget="flops=0.2", flops_ratio=0.2, acc_finetuned=0.8869)
+    a = _write_study(study, tmp_path / "a", [lead], "python study a", cutout=16)
+    b = _write_study(study, tmp_path / "b", [small], "python study b", cutout=16)
+    data = json.loads(b.read_text())
+    b.write_text(json.dumps({**data, "hardware": {**data["hardware"], "cpu": "AMD EPYC"}}))
+    out = tmp_path / "merged"
+    assert study.main(["--merge", str(a), str(b), "--mixed-hardware", "--out-dir", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["machine"].split(" (")[0] for r in runs] == ["CPU cpu", "CPU AMD EPYC"]
+    md = (out / "results.md").read_text()
+    assert "hardware: **not one machine**" in md and "`python study b`" in md
+    assert "- **recon flops=0.2** (50.0 min on CPU AMD EPYC (2 logical CPUs), GPU none; Linux" in md
+    # one machine: no machine per run, the one hardware line
+    assert study.main(["--merge", str(a), "--out-dir", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["runs"][0]["machine"] is None
+    assert "- hardware: CPU cpu (2 logical CPUs)" in (tmp_path / "one" / "results.md").read_text()

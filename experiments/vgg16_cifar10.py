@@ -668,25 +668,24 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
                          a["source"]] for a in ANCHORS for red, acc in a["rows"]])
     ended = f"finished {summary['finished']}" if summary.get("finished") else "still running when this was written"
     lines += ["## Setup", ""]
-    host = "each run's machine" if summary.get("mixed_hardware") else "this host"
+    mixed = bool(summary.get("mixed_hardware"))
+    host = "each run's machine" if mixed else "this host"
+    machine = ("**not one machine**: each study's above; a run's latencies and compute minutes are its own "
+               "machine's (named under Runs), so they compare only within one machine") if mixed else _machine(hw)
     if merged:
         lines += [f"- merged by `{summary['command']}` from {len(merged)} studies (each run's compute minutes below "
                   "are the seconds its stages took when they were computed):"]
         lines += [f"  - `{m['command']}`: started {m['started']}, "
                   + (f"finished {m['finished']}" if m.get("finished") else "stopped before its end")
                   + f", wall time {float(m.get('wall_seconds') or 0.0) / 60:.1f} min"
-                  + (f", on {_machine(m.get('hardware') or {})}" if summary.get("mixed_hardware") else "")
+                  + (f", on {_machine(m.get('hardware') or {})}" if mixed else "")
                   for m in merged]
     else:
         lines += [f"- study command: `{summary['command']}`",
                   f"- started {summary['started']}, {ended}; this invocation's wall time "
                   f"{summary['wall_seconds'] / 60:.1f} min (stages already in the cache are not recomputed: each "
                   "run's compute minutes below are the seconds its stages took when they were computed)"]
-    lines += [(f"- hardware: **not one machine**: each study's above; a run's latencies and compute minutes are its "
-               f"own machine's (named under Runs), so they compare only within one machine; device {summary['device']}"
-               if summary.get("mixed_hardware") else
-               f"- hardware: CPU {hw['cpu']} ({hw['cpu_count']} logical CPUs), "
-               f"GPU {', '.join(hw['gpus']) or 'none'}; {hw['system']}; device {summary['device']}"),
+    lines += [f"- hardware: {machine}; device {summary['device']}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
               f"- baseline: {baseline}",
               f"- data: {cfg['dataset']}{' ' + cfg['data_dir'] if cfg['data_dir'] else ''}, train subset "

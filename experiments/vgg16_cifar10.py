@@ -32,7 +32,8 @@ fails (an unfinished criterion option, say) is recorded with its error and the s
         --bench-runs 30
     # the GPU plan
     .venv/bin/python experiments/vgg16_cifar10.py --gpu
-    # one table from headline studies run with one recipe in several sessions (runs nothing)
+    # one table from headline studies run with one recipe in several sessions (runs nothing); a study repeated
+    # with --seed 1 merges beside the first (its runs named "... seed 1"; the findings add the means over seeds)
     .venv/bin/python experiments/vgg16_cifar10.py --merge docs/study/a/results.json docs/study/b/results.json
     # cmi plan, quick CPU run (minutes): a few variants on subsets, 1 fine-tuning epoch
     .venv/bin/python experiments/vgg16_cifar10.py --quick --dataset imagefolder --data-dir .data/cifar10 \\
@@ -228,6 +229,12 @@ def _distill_tag(distill: bool) -> str:
     return "KD" if distill else "CE"
 
 
+def _seed_tag(seed: int) -> str:
+    """A run made with another seed than the default says so in its name: a study repeated with ``--seed 1``
+    merges beside the first one (``--merge``) instead of clashing with its runs' names."""
+    return "" if seed == Config.seed else f" seed {seed}"
+
+
 def primary_plan(base: Config, *, quick: bool, distill: Sequence[bool],
                  groups: Iterable[str] | None = None) -> list[Variant]:
     """CMI cutoff variants, CMI budgets and MIPP estimators, each fine-tuned with every `distill` value
@@ -260,7 +267,7 @@ def headline_plan(base: Config, *, budgets: Sequence[str] = HEADLINE_BUDGETS,
     """The configuration's criterion (the package default unless ``--criterion``) under each budget."""
     tag = base.run_name or base.model
     keyed = _with(base, run_name=f"{tag}-{base.criterion}")
-    return [Variant(f"{base.criterion} {cfg.budget}", "budget", label, cfg)
+    return [Variant(f"{base.criterion} {cfg.budget}{_seed_tag(base.seed)}", "budget", label, cfg)
             for label, cfg in variant_configs(keyed, {"budget": list(budgets), "distill": list(distill)})]
 
 
@@ -317,7 +324,7 @@ def baseline_plan(base: Config, levels: Sequence[Level], *, criteria: Sequence[s
                     if key in seen:  # two levels that round to the same counts: one run
                         continue
                     seen.add(key)
-                    name = f"{criterion} @{level.keep_ratio:g}" + (f" seed {seed}" if extra else "")
+                    name = f"{criterion} @{level.keep_ratio:g}{_seed_tag(seed)}"
                     out.append(Variant(name, "baseline", label, cfg, level=level.key,
                                        target_flops=level.fraction, predicted_flops=level.predicted))
     return out
@@ -523,9 +530,20 @@ def _headline_cells(r: dict[str, Any]) -> list[str]:
             _ms(r.get("dense_latency_p50_ms")), _ms(r.get("latency_p50_ms")), minutes]
 
 
+def _first_budget_runs(budgets: Sequence[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """The first budget's run of each study seed (one key, None, for a study not merged from several seeds):
+    the run its study matched the baselines to."""
+    leads: dict[Any, dict[str, Any]] = {}
+    for r in budgets:
+        if r.get("budget") == budgets[0].get("budget"):
+            leads.setdefault(r.get("study_seed"), r)
+    return leads
+
+
 def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Plain sentences from the numbers: each budget against the dense model, the first budget against the
-    matched baselines (the same FLOPs, the same fine-tune)."""
+    matched baselines (the same FLOPs, the same fine-tune). Studies merged from several seeds (``study_seed``)
+    compare each baseline with the first budget's run of its own study, then the means over seeds."""
     ok = [r for r in rows if r["status"] == "ok"]
     budgets = [r for r in ok if r["group"] == "budget"]
     out = []
@@ -536,21 +554,26 @@ def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
                    f"{_pct(r.get('acc_oneshot'))}).")
     matched = [r for r in ok if r["group"] == "baseline"]
     if budgets and matched:
-        lead = budgets[0]
+        leads = _first_budget_runs(budgets)
         for r in matched:
+            lead = leads.get(r.get("study_seed"), budgets[0])
             out.append(f"{lead['name']} vs {r['name']} at {_pct(r['flops_ratio'], 1)} of the FLOPs: "
                        f"{100 * (lead['acc_finetuned'] - r['acc_finetuned']):+.2f} pt after the same fine-tune "
                        f"(one-shot {100 * ((lead.get('acc_oneshot') or 0) - (r.get('acc_oneshot') or 0)):+.2f} pt).")
-        draws: dict[Any, list[dict[str, Any]]] = {}  # random runs of several seeds, by keep ratio
+        by_criterion: dict[Any, list[dict[str, Any]]] = {}  # several seeds of a baseline (random draws, say)
         for r in matched:
-            if r.get("criterion") == "random":
-                draws.setdefault(r.get("keep_ratio"), []).append(r)
-        for runs in draws.values():
-            if len(runs) > 1:  # named after the first seed's run, which carries the plain name
-                mean = sum(r["acc_finetuned"] for r in runs) / len(runs)
-                seeds = ", ".join(_pct(r["acc_finetuned"]) for r in runs)
-                out.append(f"{lead['name']} vs {runs[0]['name']} (mean of {len(runs)} seeds: {seeds}): "
-                           f"{100 * (lead['acc_finetuned'] - mean):+.2f} pt after the same fine-tune.")
+            by_criterion.setdefault(r.get("criterion"), []).append(r)
+        mean = (lambda runs: sum(r["acc_finetuned"] for r in runs) / len(runs))  # noqa: E731
+        seeds = (lambda runs: f"mean of {len(runs)} seeds: {', '.join(_pct(r['acc_finetuned']) for r in runs)}")  # noqa: E731
+        first = list(leads.values())
+        left = first[0]["name"] + (f" ({seeds(first)})" if len(first) > 1 else "")
+        for criterion, runs in by_criterion.items():
+            if len(runs) == 1 and len(first) == 1:
+                continue
+            # named after the first seed's run, which carries the plain name, when all are at one keep ratio
+            name = runs[0]["name"] if len({r.get("keep_ratio") for r in runs}) == 1 else str(criterion)
+            right = name + (f" ({seeds(runs)})" if len(runs) > 1 else "")
+            out.append(f"{left} vs {right}: {100 * (mean(first) - mean(runs)):+.2f} pt after the same fine-tune.")
     return out
 
 
@@ -725,7 +748,8 @@ def write_outputs(out_dir: Path, work: Path, summary: dict[str, Any], rows: list
                                         "params_ratio", "channels_removed", "channels_dense", "acc_dense",
                                         "acc_oneshot", "acc_finetuned", "acc_int8", "test_images", "train_images",
                                         "latency_p50_ms", "dense_latency_p50_ms", "compute_seconds", "stage_seconds",
-                                        "command", "error", "level", "target_flops", "seed", "machine")}
+                                        "command", "error", "level", "target_flops", "seed", "study_seed",
+                                        "machine")}
                 for r in rows]
         (out_dir / "results.json").write_text(json.dumps(
             {**summary, "anchors": list(ANCHORS), "plot": plot, "runs": runs}, indent=1, default=str) + "\n")
@@ -787,7 +811,7 @@ def merge_results(paths: Sequence[Path], command: str, *,
         sources.append((Path(path), data))
 
     def recipe(data: dict[str, Any]) -> dict[str, Any]:
-        cfg = {k: v for k, v in {**defaults, **data["config"]}.items() if k not in PER_STUDY_KEYS}
+        cfg = {k: v for k, v in {**defaults, **data["config"]}.items() if k not in (*PER_STUDY_KEYS, "seed")}
         if cfg.get("checkpoint"):  # how a baseline would be trained does not matter when it is given
             cfg = {k: v for k, v in cfg.items() if not k.startswith("baseline_")}
         return cfg
@@ -809,7 +833,11 @@ def merge_results(paths: Sequence[Path], command: str, *,
     runs: dict[str, dict[str, Any]] = {}
     for path, data in sources:
         for run in data["runs"]:
+            # a study repeated with another seed: its runs carry the seed in their names (_seed_tag), and the
+            # findings compare each baseline with the budget run of its own study
             row = {"distill": (data.get("distill_modes") or [True])[0], **run}
+            if row.get("study_seed") is None:  # a merged file's rows keep the seed of the study they came from
+                row["study_seed"] = {**defaults, **data["config"]}.get("seed")
             if mixed:  # its latencies and minutes are this machine's
                 row["machine"] = _machine(data.get("hardware") or {})
             if row.get("flops_ratio") is not None:
@@ -823,12 +851,14 @@ def merge_results(paths: Sequence[Path], command: str, *,
                 raise UserError(f"--merge: the run {row['name']!r} reads differently in {path} and an earlier file")
     rows = list(runs.values())
     budgets = [r for r in rows if r.get("group") == "budget" and r.get("status") == "ok"]
+    leads = _first_budget_runs(budgets)
     tol = float(first.get("level_tol") or 0.005)
     for r in rows:
+        lead = leads.get(r.get("study_seed"), budgets[0] if budgets else None)
         if r.get("group") == "baseline" and r.get("target_flops") is not None and (
-                not budgets or abs(r["target_flops"] - budgets[0]["flops_ratio"]) > tol):
+                lead is None or abs(r["target_flops"] - lead["flops_ratio"]) > tol):
             raise UserError(f"--merge: {r['name']!r} is matched to {_pct(r['target_flops'])} of the FLOPs, not to "
-                            "the first budget run's; give the file of the run it was matched to first")
+                            "the first budget run's of its seed; give the file of the run it was matched to first")
     summary = {k: first.get(k) for k in ("study", "plan", "gpu", "quick", "hardware", "versions", "device",
                                          "distill_modes", "level_tol")}
     finished = [data.get("finished") for _, data in sources]
@@ -895,7 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "latencies and minutes compare only within one)")
     parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", default=None,
                         help="write one table to --out-dir from the results.json of headline studies run with one "
-                             "recipe (each run once, in the order given; the baselines' budget first); runs nothing "
+                             "recipe (each run once, in the order given; the baselines' budget first; studies may "
+                             "differ in --seed, their runs named after it); runs nothing "
                              "and takes no other option but -q and --mixed-hardware")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     add_config_flags(parser)

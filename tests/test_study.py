@@ -126,7 +126,13 @@ def test_random_baseline_runs_several_seeds_and_the_first_reuses_the_single_seed
                                          ratio_for=lambda f: 0.6318, random_seeds=n)
     one, three = plan(1), plan(3)
     assert [(v.cfg.criterion, v.cfg.seed) for v in three] == [("l1", 5), ("random", 5), ("random", 6), ("random", 7)]
-    assert [v.name for v in three[1:]] == ["random @0.6318", "random @0.6318 seed 6", "random @0.6318 seed 7"]
+    # a seed other than the default is in every name, the base seed's too (a study repeated with --seed merges
+    # beside the first one)
+    assert [v.name for v in three] == ["l1 @0.6318 seed 5", "random @0.6318 seed 5", "random @0.6318 seed 6",
+                                       "random @0.6318 seed 7"]
+    assert [v.name for v in study.baseline_plan(build_config({}, {"model": "vgg16_bn", "dataset": "digits"}), levels,
+                                                criteria=["random"], distill=[True], ratio_for=lambda f: 0.6318,
+                                                random_seeds=2)] == ["random @0.6318", "random @0.6318 seed 1"]
     assert three[1].cfg == one[1].cfg  # the first seed is the run a single-seed study made: its bundle is reused
     assert len({v.cfg.resolved_run_name for v in three}) == 4
     ignore = {"seed", "run_name"}  # the seeds' runs differ in nothing else
@@ -306,6 +312,37 @@ def test_merge_writes_one_table_from_studies_with_one_recipe(study, tmp_path, ca
     assert "`python study --budgets flops=0.2`: started t0, finished t1, wall time 10.0 min" in md
     assert "cutout 16" in md and "3 of 3 planned runs finished" in md
     assert "3 runs merged from 3 studies" in capsys.readouterr().out
+
+
+def test_merge_of_a_study_repeated_with_another_seed_compares_seed_with_seed_and_the_means(study, tmp_path):
+    """A second seed of the headline (``--seed 1``): its runs are named after the seed, its baseline is matched to
+    its own budget run (whose FLOPs differ a little from the first seed's), and the findings pair the runs of one
+    seed before comparing the means."""
+    base = build_config({}, {"model": "vgg16_bn", "dataset": "digits", "seed": 1})
+    assert [v.name for v in study.headline_plan(base, budgets=["flops=0.4"])] == ["recon flops=0.4 seed 1"]
+    a = _write_study(study, tmp_path / "a", [
+        _headline_row(), _headline_row(name="l1 @0.63", group="baseline", budget=None, criterion="l1",
+                                       acc_finetuned=0.8901, target_flops=0.4, keep_ratio=0.63)], "python study",
+                                       cutout=16)
+    b = _write_study(study, tmp_path / "b", [
+        _headline_row(name="recon flops=0.4 seed 1", flops_ratio=0.41, acc_finetuned=0.8921, seed=1),
+        _headline_row(name="l1 @0.64 seed 1", group="baseline", budget=None, criterion="l1", flops_ratio=0.41,
+                      acc_finetuned=0.8891, target_flops=0.41, keep_ratio=0.64, seed=1)],
+        "python study --seed 1", cutout=16, seed=1)
+    out = tmp_path / "merged"
+    assert study.main(["--merge", str(a), str(b), "--out-dir", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["name"], r["study_seed"]) for r in data["runs"]] == [
+        ("recon flops=0.4", 0), ("l1 @0.63", 0), ("recon flops=0.4 seed 1", 1), ("l1 @0.64 seed 1", 1)]
+    md = " ".join((out / "results.md").read_text().split())
+    assert "recon flops=0.4 vs l1 @0.63 at 40.0% of the FLOPs: +0.50 pt" in md
+    assert "recon flops=0.4 seed 1 vs l1 @0.64 seed 1 at 41.0% of the FLOPs: +0.30 pt" in md
+    assert ("recon flops=0.4 (mean of 2 seeds: 89.51%, 89.21%) vs l1 (mean of 2 seeds: 89.01%, 88.91%): +0.40 pt"
+            in md)
+    # the merged file merges again as it is, each run keeping the seed of the study it came from
+    again = tmp_path / "again"
+    assert study.main(["--merge", str(out / "results.json"), "--out-dir", str(again)]) == 0
+    assert [r["study_seed"] for r in json.loads((again / "results.json").read_text())["runs"]] == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("case, needle", [

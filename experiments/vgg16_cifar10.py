@@ -563,8 +563,12 @@ def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
         by_criterion: dict[Any, list[dict[str, Any]]] = {}  # several seeds of a baseline (random draws, say)
         for r in matched:
             by_criterion.setdefault(r.get("criterion"), []).append(r)
-        mean = (lambda runs: sum(r["acc_finetuned"] for r in runs) / len(runs))  # noqa: E731
-        seeds = (lambda runs: f"mean of {len(runs)} seeds: {', '.join(_pct(r['acc_finetuned']) for r in runs)}")  # noqa: E731
+        def mean(runs: Sequence[dict[str, Any]]) -> float:
+            return sum(r["acc_finetuned"] for r in runs) / len(runs)
+
+        def seeds(runs: Sequence[dict[str, Any]]) -> str:
+            return f"mean of {len(runs)} seeds: {', '.join(_pct(r['acc_finetuned']) for r in runs)}"
+
         first = list(leads.values())
         left = first[0]["name"] + (f" ({seeds(first)})" if len(first) > 1 else "")
         for criterion, runs in by_criterion.items():

@@ -563,6 +563,7 @@ def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
         by_criterion: dict[Any, list[dict[str, Any]]] = {}  # several seeds of a baseline (random draws, say)
         for r in matched:
             by_criterion.setdefault(r.get("criterion"), []).append(r)
+
         def mean(runs: Sequence[dict[str, Any]]) -> float:
             return sum(r["acc_finetuned"] for r in runs) / len(runs)
 
@@ -836,12 +837,13 @@ def merge_results(paths: Sequence[Path], command: str, *,
     mixed = len({json.dumps(data.get("hardware"), sort_keys=True) for _, data in sources}) > 1
     runs: dict[str, dict[str, Any]] = {}
     for path, data in sources:
+        # a study repeated with another seed: its runs carry the seed in their names (_seed_tag), and the
+        # findings compare each baseline with the budget run of its own study
+        study_seed = data["config"].get("seed", defaults["seed"])
         for run in data["runs"]:
-            # a study repeated with another seed: its runs carry the seed in their names (_seed_tag), and the
-            # findings compare each baseline with the budget run of its own study
             row = {"distill": (data.get("distill_modes") or [True])[0], **run}
             if row.get("study_seed") is None:  # a merged file's rows keep the seed of the study they came from
-                row["study_seed"] = {**defaults, **data["config"]}.get("seed")
+                row["study_seed"] = study_seed
             if mixed:  # its latencies and minutes are this machine's
                 row["machine"] = _machine(data.get("hardware") or {})
             if row.get("flops_ratio") is not None:
@@ -858,9 +860,10 @@ def merge_results(paths: Sequence[Path], command: str, *,
     leads = _first_budget_runs(budgets)
     tol = float(first.get("level_tol") or 0.005)
     for r in rows:
+        if r.get("group") != "baseline" or r.get("target_flops") is None:
+            continue
         lead = leads.get(r.get("study_seed"), budgets[0] if budgets else None)
-        if r.get("group") == "baseline" and r.get("target_flops") is not None and (
-                lead is None or abs(r["target_flops"] - lead["flops_ratio"]) > tol):
+        if lead is None or abs(r["target_flops"] - lead["flops_ratio"]) > tol:
             raise UserError(f"--merge: {r['name']!r} is matched to {_pct(r['target_flops'])} of the FLOPs, not to "
                             "the first budget run's of its seed; give the file of the run it was matched to first")
     summary = {k: first.get(k) for k in ("study", "plan", "gpu", "quick", "hardware", "versions", "device",

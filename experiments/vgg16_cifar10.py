@@ -424,7 +424,8 @@ def _pp(x: Any, ref: Any) -> str:
 
 
 def _ms(x: Any) -> str:
-    return "-" if not isinstance(x, (int, float)) else f"{x:.3g}"
+    # three significant digits, trailing zeros kept so that a column reads alike (4.00, not 4, beside 6.75)
+    return "-" if not isinstance(x, (int, float)) else f"{x:#.3g}".rstrip(".")
 
 
 TABLE_HEADER = ["level", "variant", "FLOPs kept", "FLOPs red.", "params red.", "filters removed",

@@ -185,6 +185,7 @@ def test_headline_outputs_come_from_the_rows(study, tmp_path):
     assert "recon flops=0.4 vs l1 @0.632" in md and "+0.50 pt after the same fine-tune" in md
     assert "HRankPlus" in md and written["plot"].stat().st_size > 10_000
     assert "2 of 2 planned runs finished;" in md
+    assert "| 43.0 | 17.0 |" in md  # latencies keep three digits: 43.0 beside 6.75, not 43
 
     # a study stopped before its last planned run says so instead of "2 of 2"
     stopped = study.write_outputs(tmp_path / "stopped", tmp_path / "work",

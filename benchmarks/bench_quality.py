@@ -41,7 +41,7 @@ os.environ.setdefault("BUILD_EDGE_NO_PROGRESS", "1")
 
 from bench_mipp import load_data  # noqa: E402  (the sibling script: one way to unpack and load the data)
 
-from toolchain.allocation import allocate_for_budget  # noqa: E402
+from toolchain.allocation import SENSITIVITY_FRACTIONS, allocate_for_budget  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
 from toolchain.data import DeviceLoader, balanced_indices  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--bn-images", type=int, default=2000)
     ap.add_argument("--test-images", type=int, default=10000, help="class-balanced test subset (10000 = all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sensitivity-fractions", default=",".join(map(str, SENSITIVITY_FRACTIONS)),
+                    help="kept fractions a budget's sensitivity probes per layer (build-edge --sensitivity-fractions)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(ROOT / "docs" / "quality"))
     args = ap.parse_args()
@@ -100,8 +102,14 @@ def main() -> None:
     def fitted(mode: str) -> int | None:  # compensation images of a run (None: no compensation)
         return args.compensation_samples if mode == "lstsq" else None
 
+    fractions = tuple(float(f) for f in args.sensitivity_fractions.split(","))
+
+    def grid(setting: str, record_fractions=None) -> tuple | None:  # a budget's sensitivity grid (None: uniform cut)
+        return None if setting.startswith("uniform") else tuple(record_fractions or SENSITIVITY_FRACTIONS)
+
     done = {(r["criterion"], r["seed"], r["setting"], r["compensation"], r["rank_samples"],
-             r.get("compensation_samples")) for r in results["runs"]}
+             r.get("compensation_samples"), grid(r["setting"], r.get("sensitivity_fractions")))
+            for r in results["runs"]}
 
     data = load_data()
     test = data.test if args.test_images >= len(data.test) else data.test.subset(
@@ -145,7 +153,8 @@ def main() -> None:
             uniform = [1 - float(s.partition(":")[2]) for s in settings if s.startswith("uniform:")]
             keep_ratio = (uniform[0] if uniform else 0.5) if getattr(CRITERIA.get(name), "reads_keep_ratio", False) \
                 else None
-            todo = [(s, m) for s in settings for m in modes if (spec, seed, s, m, samples, fitted(m)) not in done]
+            todo = [(s, m) for s in settings for m in modes
+                    if (spec, seed, s, m, samples, fitted(m), grid(s, fractions)) not in done]
             if not todo:
                 continue
             stem = spec.replace(":", "_").replace("=", "-")
@@ -178,7 +187,8 @@ def main() -> None:
                     sens_file.parent.mkdir(exist_ok=True)
                     counts, info = allocate_for_budget(dense, layers, rankings, example, probe_images,
                                                        fit_images[:128], parse_budget(f"{kind}={value}"),
-                                                       compensation=mode == "lstsq", seed=seed, cache=sens_file)
+                                                       compensation=mode == "lstsq", seed=seed, cache=sens_file,
+                                                       fractions=fractions)
                     alloc_s = None if info["sensitivity_cached"] else info["seconds"]
                 kept = kept_indices(rankings, counts)
                 pruned, _ = prune_model(dense, example, kept)
@@ -198,8 +208,10 @@ def main() -> None:
                        "rank_seconds": round(rank_s, 1),
                        "compensation_seconds": None if comp_s is None else round(comp_s, 1),
                        "allocation_seconds": alloc_s, "seconds": round(time.perf_counter() - t1, 1)}
+                if kind != "uniform" and fractions != tuple(SENSITIVITY_FRACTIONS):
+                    run["sensitivity_fractions"] = list(fractions)
                 results["runs"].append(run)
-                done.add((spec, seed, setting, mode, samples, fitted(mode)))
+                done.add((spec, seed, setting, mode, samples, fitted(mode), grid(setting, fractions)))
                 save()
                 print(f"  {setting:<12} {mode:<5} acc {acc:.2%}  FLOPs {flops_p / flops_d:.1%}"
                       + (f"  comp {comp_s:.0f}s" if comp_s else "") + (f"  alloc {alloc_s:.0f}s" if alloc_s else ""),
@@ -215,8 +227,9 @@ def markdown(results: dict) -> str:
         return (kind != "uniform", float(value) if kind == "uniform" else -float(value))
 
     settings = sorted(dict.fromkeys(r["setting"] for r in runs), key=setting_order)
-    def mode(r: dict) -> str:
-        return "none" if r["compensation"] == "none" else f"lstsq {r['compensation_samples']}"
+    def mode(r: dict) -> str:  # a budget's sensitivity grid other than the default is named in its column
+        grid = f", {len(r['sensitivity_fractions'])} fractions" if r.get("sensitivity_fractions") else ""
+        return ("none" if r["compensation"] == "none" else f"lstsq {r['compensation_samples']}") + grid
 
     modes = sorted(dict.fromkeys(mode(r) for r in runs), key=lambda m: (m != "none", len(m), m))
     rows = list(dict.fromkeys((r["criterion"], r["rank_samples"]) for r in runs))

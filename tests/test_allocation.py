@@ -160,6 +160,46 @@ def test_the_sensitivity_is_measured_once_for_every_budget(tmp_path, monkeypatch
     assert sum(second.values()) < sum(first.values())
 
 
+def test_a_finer_grid_measures_only_the_points_the_cache_lacks(tmp_path, monkeypatch):
+    """--sensitivity-fractions: a finer grid over a cached coarse one measures only the new kept counts, and gives
+    what measuring it afresh gives; the coarse grid then reads its own points back from the (grown) cache."""
+    import toolchain.allocation as allocation
+
+    dense, example, layers, images, probe, rankings = _l1_setup(64)
+    cache = tmp_path / "sensitivity.json"
+    coarse, fine = (0.75, 0.5), (0.75, 0.5, 0.25)
+    args = (dense, layers, rankings, example, probe, images, Budget("flops", 0.5))
+    _, first = allocation.allocate_for_budget(*args, compensation=True, cache=cache, fractions=coarse)
+    measured_cuts = []
+    real_meter = allocation.damage_meter
+
+    def counting_meter(*a, **kw):
+        damage = real_meter(*a, **kw)
+
+        def counted(counts, dense_targets=None):
+            measured_cuts.append(dict(counts))
+            return damage(counts, dense_targets)
+        return counted
+
+    monkeypatch.setattr(allocation, "damage_meter", counting_meter)
+    counts, info = allocation.allocate_for_budget(*args, compensation=True, cache=cache, fractions=fine)
+    assert not info["sensitivity_cached"]
+    assert measured_cuts == [{layer.name: round(0.25 * layer.channels)} for layer in layers]  # the new point only
+    monkeypatch.setattr(allocation, "damage_meter", real_meter)
+    afresh = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, images, compensation=True,
+                               fractions=fine)
+    assert info["sensitivity"].keys() == afresh.keys()
+    assert all(np.allclose(info["sensitivity"][n], afresh[n], rtol=1e-6, atol=1e-12) for n in afresh)
+    assert counts == allocation.allocate(layers, afresh, Budget("flops", 0.5))[0]
+
+    def no_measuring(*a, **kw):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(allocation, "layer_sensitivity", no_measuring)
+    _, again = allocation.allocate_for_budget(*args, compensation=True, cache=cache, fractions=coarse)
+    assert again["sensitivity_cached"] and again["sensitivity"] == first["sensitivity"]
+
+
 def test_a_protected_layer_stays_whole_and_the_others_meet_the_budget(tmp_path):
     """--protect under --budget: the allocator may not cut the layer (here the cheapest to cut, so an unprotected
     allocation cuts it) and the other layers take the whole cut; the cached sensitivity stays every layer's."""
@@ -177,9 +217,10 @@ def test_a_protected_layer_stays_whole_and_the_others_meet_the_budget(tmp_path):
     rankings = {layer.name: None for layer in layers}  # read only when measuring: the cache has it
     images = torch.zeros(4, 3, 8, 8)
     args = (dense, layers, rankings, example, images, images, Budget("flops", 0.7))
-    free, _ = allocation.allocate_for_budget(*args, compensation=True, cache=cache)
+    grid = (0.75, 0.5, 0.25)  # the cache's
+    free, _ = allocation.allocate_for_budget(*args, compensation=True, cache=cache, fractions=grid)
     assert free[first] < layers[0].channels
-    counts, info = allocation.allocate_for_budget(*args, compensation=True, cache=cache, fixed=[first])
+    counts, info = allocation.allocate_for_budget(*args, compensation=True, cache=cache, fixed=[first], fractions=grid)
     assert counts[first] == layers[0].channels
     assert 0.6 < info["cost"] <= 0.7 + 1e-9 and info["sensitivity"] == sensitivity
     assert all(counts[layer.name] <= free[layer.name] for layer in layers[1:])

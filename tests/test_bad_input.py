@@ -150,6 +150,9 @@ def test_09_every_sweep_value_is_checked_before_the_first_variant(tmp_path, caps
     (["--distill-temperature", "0"], "distill_temperature"),
     (["--cutout", "-1"], "cutout"), (["--baseline-cutout", "-2"], "baseline_cutout"),
     (["--image-size", "16", "--cutout", "16"], "smaller than image_size"),
+    (["--sensitivity-fractions", "0.5,1.0"], "sensitivity_fractions"),
+    (["--sensitivity-fractions", "0.5,x"], "sensitivity_fractions must be a comma-separated list of numbers"),
+    (["--sensitivity-fractions", ","], "sensitivity_fractions must be a non-empty list"),
 ])
 def test_10_out_of_range_numbers_are_refused(tmp_path, capsys, args, needle):
     _refused(capsys, [*TINY, "--out", str(tmp_path / "out"), *args], needle)

@@ -284,6 +284,9 @@ def test_the_command_of_a_run_rebuilds_its_criterion_options():
 
     cfg = build_config({}, {"criterion": "mipp", "criterion_options": {"at_init": True, "repeats": 3}})
     assert build_config({}, flag_values(build_parser().parse_args(config_argv(cfg)))) == cfg
+    grid = build_config({}, {"budget": "flops=0.4", "sensitivity_fractions": [0.9, 0.5, 0.15],
+                             "bench_batch_sizes": [1, 8]})
+    assert build_config({}, flag_values(build_parser().parse_args(config_argv(grid)))) == grid
     off = build_config({}, {"criterion": "mipp", "criterion_options": {"at_init": False}})
     assert "False" not in config_argv(off)
     build_parser().parse_args(config_argv(off))  # argparse accepts it

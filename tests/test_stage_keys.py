@@ -31,6 +31,7 @@ FIRST = {
     "rank_samples": (64, "rank"), "keep_ratio": (0.3, "prune"), "keep": ({"features.0": 0.5}, "prune"),
     "protect": ("features.0", "prune"),
     "round_to": (8, "prune"), "budget": ("flops=0.4", "prune"), "latency_source": ("estimate", None),
+    "sensitivity_fractions": ([0.9, 0.5, 0.2], None),  # without a budget nothing reads it (below: with one)
     "latency_levels": (8, None), "bn_recalibration": (100, "prune"),
     "fold": ("masked", "prune"), "compensation": ("none", "prune"), "compensation_samples": (64, "prune"),
     "finetune_epochs": (2, "finetune"), "lr": (0.5, "finetune"), "momentum": (0.8, "baseline"),
@@ -184,3 +185,9 @@ def test_protection_is_in_the_prune_key_only_when_it_protects_a_layer():
     assert _changed(dict(BASE), "protect", "stem", None) == _rerun("prune")
     stem, named = (_digests(build_config({}, {**BASE, "protect": v})) for v in ("stem", "features.0"))
     assert stem == named
+
+
+def test_a_budgets_sensitivity_grid_keys_the_prune_and_the_default_grid_is_the_old_key():
+    base = {**BASE, "budget": "flops=0.4"}
+    assert _changed(base, "sensitivity_fractions", [0.9, 0.5, 0.2], None) == _rerun("prune")
+    assert _changed(base, "sensitivity_fractions", [0.75, 0.5, 0.25, 0.1], None) == []

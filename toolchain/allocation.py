@@ -51,6 +51,7 @@ from toolchain.ranking.cutoffs import Budget, Extra, allocate_budget, budget_cos
 from toolchain.util import atomic_write_json
 
 SENSITIVITY_FRACTIONS = (0.75, 0.5, 0.25, 0.1)  # kept fractions probed per layer
+Points = dict[str, list[list[float]]]  # per layer, [[kept_fraction, damage], ...]
 
 
 @torch.no_grad()
@@ -132,31 +133,49 @@ def sensitivity_context(layers: Sequence[PrunableLayer], budget: Budget, cost: C
     return uniform_counts(layers, budget, members=cost.member_terms(budget.kind), fixed=fixed)
 
 
+def probed_count(fraction: float, channels: int) -> int:
+    """The kept count a sensitivity fraction probes (at least one channel)."""
+    return max(1, round(fraction * channels))
+
+
 @torch.no_grad()
 def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
                       example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, *, compensation: bool,
                       fractions: Sequence[float] = SENSITIVITY_FRACTIONS, seed: int = 0,
-                      context: dict[str, int] | None = None, progress=None) -> dict[str, list[list[float]]]:
+                      context: dict[str, int] | None = None, known: Points | None = None,
+                      progress=None) -> Points:
     """Per layer, ``[[kept_fraction, KL], ...]`` (1.0 included) from cutting that layer to each fraction.
 
     Without `context` the layer is cut alone (1.0 -> 0). With it (keep counts per layer, ``uniform_counts``)
     every other layer is cut to its context count at the same time, and the curve holds the layer whole
-    (1.0), at each fraction and at its own context count (the all-context model, measured once)."""
+    (1.0), at each fraction and at its own context count (the all-context model, measured once). Points of
+    `known` (an earlier call's answer, same settings) are taken as they are, so a finer grid measures only
+    the kept counts the earlier one did not."""
     damage = damage_meter(dense, layers, rankings, example, probe, fit, compensation=compensation, seed=seed,
                           progress=progress)
     channels = {layer.name: layer.channels for layer in layers}
     others = {name: k for name, k in (context or {}).items() if k < channels[name]}  # the layers the context cuts
-    at_context = damage(others, {}) if others else 0.0
-    out: dict[str, list[list[float]]] = {}
+    at_context: float | None = None
+    out: Points = {}
     for layer in layers:
+        c = layer.channels
+        have = {round(f * c): [f, v] for f, v in (known or {}).get(layer.name, [])}
         rest = {name: k for name, k in others.items() if name != layer.name}
         dense_targets: dict = {}  # the cuts of one layer refit the same consumers towards the same dense outputs
-        points = [[1.0, damage(rest, dense_targets) if rest else 0.0]]
-        if layer.name in others:
-            points.append([others[layer.name] / layer.channels, at_context])
-        for frac in fractions:
-            k = max(1, round(frac * layer.channels))
-            points.append([k / layer.channels, damage({**rest, layer.name: k}, dense_targets)])
+        wanted = [c, *([others[layer.name]] if layer.name in others else []),
+                  *(probed_count(frac, c) for frac in fractions)]
+        points = []
+        for k in dict.fromkeys(wanted):
+            if k in have:
+                points.append(have[k])
+            elif k == c:
+                points.append([1.0, damage(rest, dense_targets) if rest else 0.0])
+            elif k == others.get(layer.name):
+                if at_context is None:
+                    at_context = damage(others, {})
+                points.append([k / c, at_context])
+            else:
+                points.append([k / c, damage({**rest, layer.name: k}, dense_targets)])
         out[layer.name] = points
     return out
 
@@ -227,32 +246,65 @@ def meet_measured(solve: Callable[[float], tuple[dict[str, int], dict[str, Any]]
                                for _, i, m, t in tried]}
 
 
+def sensitivity_points(layers: Sequence[PrunableLayer], stored: Points, fractions: Sequence[float],
+                       context: dict[str, int] | None) -> Points | None:
+    """From `stored` (a cache file's points), each layer's points at the kept counts `layer_sensitivity` would
+    measure with `fractions` and `context`, in its order; None when any is missing."""
+    out: Points = {}
+    for layer in layers:
+        c = layer.channels
+        have = {round(f * c): [f, v] for f, v in stored.get(layer.name, [])}
+        counts = [c]
+        if context and context.get(layer.name, c) < c:
+            counts.append(context[layer.name])
+        counts += [probed_count(f, c) for f in fractions]
+        counts = list(dict.fromkeys(counts))
+        if any(k not in have for k in counts):
+            return None
+        out[layer.name] = [have[k] for k in counts]
+    return out
+
+
+def merge_points(stored: Points, new: Points) -> Points:
+    """The union of two sets of measured points per layer (by kept count; `new` wins), most channels first."""
+    out = {}
+    for name in dict.fromkeys([*stored, *new]):
+        by_fraction = {round(f, 9): [f, v] for f, v in [*stored.get(name, []), *new.get(name, [])]}
+        out[name] = sorted(by_fraction.values(), key=lambda p: -p[0])
+    return out
+
+
 def allocate_for_budget(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
                         example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, budget: Budget, *,
                         compensation: bool, round_to: int = 1, seed: int = 0,
                         cache: Path | None = None, latency: LatencyTable | None = None,
-                        measure: Callable[[dict[str, int]], float] | None = None, fixed: Sequence[str] = ()
-                        ) -> tuple[dict[str, int], dict[str, Any]]:
+                        measure: Callable[[dict[str, int]], float] | None = None, fixed: Sequence[str] = (),
+                        fractions: Sequence[float] = SENSITIVITY_FRACTIONS) -> tuple[dict[str, int], dict[str, Any]]:
     """Measure the sensitivity (or read it from `cache`, a JSON file written by an earlier call with the same
     model, rankings, images and settings; with compensation it does not depend on the budget, without it is
     measured around the budget's uniform cut, ``sensitivity_context``), then allocate under `budget`. A latency
     budget is allocated with the knapsack over `latency`, the target's table (``toolchain.knapsack``; with
     `measure`, counts -> the pruned model's measured ms on this host, the budget is met as measured,
     ``meet_measured``). The `fixed` layers (``--protect``) keep every channel: their sensitivity is read as
-    unmeasured below all channels, so neither allocator cuts them and the budget is met by the other layers."""
+    unmeasured below all channels, so neither allocator cuts them and the budget is met by the other layers.
+    `fractions`: the kept fractions probed per layer (``--sensitivity-fractions``)."""
     if budget.kind == "latency" and latency is None:
         raise ValueError("allocate_for_budget: a latency budget needs the target's latency table")
     t0 = time.perf_counter()
     cost = CostModel.of(dense, tuple(example.shape[1:]), layers)
     context = None if compensation else sensitivity_context(layers, budget, cost, latency=latency, fixed=fixed)
-    cached = cache is not None and cache.is_file()
+    # the cache holds every point measured with these settings, whatever grid asked for it; a run reads the
+    # points of its own grid (the same as measuring them afresh) and measures only those missing
+    stored = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    wanted = sensitivity_points(layers, stored, fractions, context)
+    cached = wanted is not None
     if cached:
-        sens = json.loads(cache.read_text())
+        sens = wanted
     else:
-        sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, fit,
-                                 compensation=compensation, seed=seed, context=context)
+        sens = layer_sensitivity(copy.deepcopy(dense), layers, rankings, example, probe, fit, compensation=compensation,
+                                 fractions=fractions, seed=seed, context=context, known=stored)
         if cache is not None:
-            atomic_write_json(cache, sens)
+            atomic_write_json(cache, merge_points(stored, sens))
     measured = sens  # every layer's, fixed ones included: the cache serves runs that protect other layers
     sens = {**sens, **{name: [[1.0, 0.0]] for name in fixed}}  # no count below all channels is allowed
     if budget.kind == "latency":

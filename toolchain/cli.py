@@ -56,6 +56,8 @@ HELP = {
     "fold": "none (plain removal, default) or masked (fold removed channels' constants: pruned == masked)",
     "compensation": "lstsq (default: refit each consumer of removed channels towards the dense outputs) or none",
     "compensation_samples": "class-balanced training images for the compensation refit",
+    "sensitivity_fractions": "comma-separated kept fractions a --budget measures each layer's sensitivity at "
+                             "(default 0.75,0.5,0.25,0.1; a finer grid lets the allocation stop between them)",
     "distill": "distil from the dense model while fine-tuning",
     "cutout": "fine-tune augmentation: zero one random SIZE x SIZE square of each training image after "
               "normalisation (DeVries & Taylor 2017; 16 on 32x32 images; smaller than the image), 0 (default) off",

@@ -54,6 +54,8 @@ class Config:
     # with tensor cores (pipeline.resolve_round_to)
     budget: str | None = None  # "flops=0.4" / "params=0.2" / "channels=0.67" / "latency=0.5x" / "latency=12ms":
     # counts from the measured sensitivity
+    sensitivity_fractions: list[float] | None = None  # kept fractions a budget's sensitivity probes per layer
+    # (None: 0.75, 0.5, 0.25, 0.1; toolchain.allocation); a finer grid costs a few seconds per point and layer
     latency_source: str = "auto"  # a latency budget's table: auto | host | estimate (toolchain.latency)
     latency_levels: int = 16  # kept counts a latency budget chooses from per layer (the table's grid)
     bn_recalibration: int = 2000  # training images to re-estimate BN statistics after pruning
@@ -109,6 +111,13 @@ def base_type(name: str) -> type:
     return typing.get_origin(hint) or hint
 
 
+def list_item_type(name: str) -> type:
+    """The element type of a list field (``list[float] | None`` -> float)."""
+    hint = _HINTS[name]
+    lists = [a for a in (*typing.get_args(hint), hint) if typing.get_origin(a) is list]
+    return typing.get_args(lists[0])[0]
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check a YAML/flag value against the field's type; one clear line when it does not fit."""
     kind = base_type(name)
@@ -129,13 +138,18 @@ def _coerce(name: str, value: Any) -> Any:
             raise UserError(f"config: {name} must be a number, got {value!r}")
         return float(value)
     if kind is list:
+        item = list_item_type(name)
+        noun = "numbers" if item is float else "integers"
         if isinstance(value, str):  # from a flag: "1,8,32"
             try:
-                value = [int(v) for v in value.split(",") if v.strip()]
+                value = [item(v) for v in value.split(",") if v.strip()]
             except ValueError:
-                raise UserError(f"config: {name} must be a comma-separated list of integers, got {value!r}") from None
-        if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
-            raise UserError(f"config: {name} must be a non-empty list of positive integers, got {value!r}")
+                raise UserError(f"config: {name} must be a comma-separated list of {noun}, got {value!r}") from None
+        if item is float and isinstance(value, list):
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, item) and not isinstance(v, bool)
+                                                               and v > 0 for v in value):
+            raise UserError(f"config: {name} must be a non-empty list of positive {noun}, got {value!r}")
         return list(value)
     if kind is dict:
         if not isinstance(value, dict):
@@ -236,6 +250,8 @@ def validate(cfg: Config) -> None:
     from toolchain.protect import check_spec
 
     check_spec(cfg.protect)
+    if cfg.sensitivity_fractions is not None and not all(0.0 < f < 1.0 for f in cfg.sensitivity_fractions):
+        raise UserError(f"sensitivity_fractions must be kept fractions in (0, 1), got {cfg.sensitivity_fractions}")
     if cfg.latency_source not in ("auto", "host", "estimate"):
         raise UserError(f"latency_source must be auto, host or estimate, got {cfg.latency_source!r}")
     if cfg.fold not in ("none", "masked"):

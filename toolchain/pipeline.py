@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from toolchain import protect
+from toolchain.allocation import SENSITIVITY_FRACTIONS
 from toolchain.config import OPSET_DEFAULT, Config
 from toolchain.data import SOURCES as DATA_SOURCES
 from toolchain.data import DataSpec, count_classes
@@ -205,6 +206,13 @@ def clean(out: Path, *, keep_cache: bool = False) -> list[tuple[Path, int]]:
     return removed
 
 
+def sensitivity_grid(cfg: Config) -> list[float] | None:
+    """The prune stage's sensitivity fractions: None (the key of earlier runs) without a budget or with the default
+    grid; a latency budget's table allocator reads the same sensitivity."""
+    grid = cfg.sensitivity_fractions
+    return None if not cfg.budget or grid is None or tuple(grid) == SENSITIVITY_FRACTIONS else list(grid)
+
+
 def resolve_round_to(round_to: int | None, target: TargetProfile, latency_budget: bool) -> int:
     """``--round-to``, or its default: for a latency budget 8 on a GPU with tensor cores and on an x86 ONNX Runtime
     target (its NCHWc conv kernels take channel blocks of 8 on AVX2: on the shared VGG16 at 1 thread, pruned
@@ -270,7 +278,8 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
         "prune": add(prune, prune.Inputs(
             digest["rank"], digest["baseline"], cfg.model, cfg.seed, cfg.keep_ratio, dict(cfg.keep), round_to,
             cfg.budget, cfg.bn_recalibration, cfg.fold, compensation,
-            cfg.compensation_samples, at_init, digest.get("latency"), list(pre.protected) or None)),
+            cfg.compensation_samples, at_init, digest.get("latency"), list(pre.protected) or None,
+            sensitivity_grid(cfg))),
         "finetune": add(finetune, finetune.Inputs(
             digest["prune"], digest["baseline"], cfg.model, *((cfg.baseline_epochs, cfg.baseline_lr) if at_init
                                                               else (cfg.finetune_epochs, cfg.lr)),

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from toolchain.allocation import allocate_for_budget
+from toolchain.allocation import SENSITIVITY_FRACTIONS, allocate_for_budget
 from toolchain.compensation import compensate
 from toolchain.cost import count_flops_params
 from toolchain.data import DeviceLoader, balanced_indices
@@ -366,6 +366,8 @@ class Inputs:
     latency: str | None = field(default=None, metadata=OMIT_IF_NONE)  # the latency stage's digest (latency budget)
     # layers kept whole (--protect, resolved in preflight); None when there are none, so earlier keys stay
     protect: list[str] | None = field(default=None, metadata=OMIT_IF_NONE)
+    # a budget's sensitivity grid (--sensitivity-fractions); None for the default, so earlier keys stay
+    sensitivity_fractions: list[float] | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass
@@ -419,7 +421,8 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
             source.to(device), layers, rankings, example.to(device), probe, fit_images[:128],
             parse_budget(inputs.budget), compensation=compensating, round_to=inputs.round_to, seed=seed,
             cache=sensitivity / "sensitivity.json", latency=table,
-            measure=_host_measure(table, source, example, rankings, data.input_shape), fixed=inputs.protect or ())
+            measure=_host_measure(table, source, example, rankings, data.input_shape), fixed=inputs.protect or (),
+            fractions=tuple(inputs.sensitivity_fractions or SENSITIVITY_FRACTIONS))
         extra["sensitivity"] = sensitivity.name
         source.cpu()
     else:

@@ -553,6 +553,16 @@ def headline_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
         out.append(f"{r['name']}: {_pct(r['flops_reduction'], 1)} fewer FLOPs, top-1 {_pct(r['acc_finetuned'])} "
                    f"after fine-tuning ({delta:+.2f} pt vs the dense {_pct(r['acc_dense'])}; one-shot "
                    f"{_pct(r.get('acc_oneshot'))}).")
+    by_budget: dict[Any, list[dict[str, Any]]] = {}  # a budget run repeated with other seeds: its mean, once
+    for r in budgets:
+        by_budget.setdefault((r.get("criterion"), r.get("budget")), []).append(r)
+    for runs in by_budget.values():
+        if len(runs) > 1:
+            accs = [r["acc_finetuned"] for r in runs]
+            mean_acc = sum(accs) / len(accs)
+            out.append(f"{runs[0]['name']}, mean of {len(runs)} seeds ({', '.join(map(_pct, accs))}): "
+                       f"{_pct(mean_acc)} after fine-tuning ({100 * (mean_acc - runs[0]['acc_dense']):+.2f} pt "
+                       f"vs the dense {_pct(runs[0]['acc_dense'])}).")
     matched = [r for r in ok if r["group"] == "baseline"]
     if budgets and matched:
         leads = _first_budget_runs(budgets)

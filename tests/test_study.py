@@ -340,6 +340,9 @@ def test_merge_of_a_study_repeated_with_another_seed_compares_seed_with_seed_and
     assert "recon flops=0.4 seed 1 vs l1 @0.64 seed 1 at 41.0% of the FLOPs: +0.30 pt" in md
     assert ("recon flops=0.4 (mean of 2 seeds: 89.51%, 89.21%) vs l1 (mean of 2 seeds: 89.01%, 88.91%): +0.40 pt"
             in md)
+    assert ("recon flops=0.4, mean of 2 seeds (89.51%, 89.21%): 89.36% after fine-tuning (+0.07 pt vs the dense "
+            "89.29%)" in md)
+    assert md.count("mean of 2 seeds (") == 1  # the baselines' seeds are averaged in the comparison only
     # the merged file merges again as it is, each run keeping the seed of the study it came from
     again = tmp_path / "again"
     assert study.main(["--merge", str(out / "results.json"), "--out-dir", str(again)]) == 0

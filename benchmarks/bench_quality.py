@@ -233,7 +233,9 @@ def markdown(results: dict) -> str:
 
     modes = sorted(dict.fromkeys(mode(r) for r in runs), key=lambda m: (m != "none", len(m), m))
     rows = list(dict.fromkeys((r["criterion"], r["rank_samples"]) for r in runs))
-    head = ["criterion", "N"] + [f"{s} {m}" for s in settings for m in modes]
+    # only the columns some run fills (a budget's grid, say, is no column of the uniform cuts)
+    columns = [(s, m) for s in settings for m in modes if any(r["setting"] == s and mode(r) == m for r in runs)]
+    head = ["criterion", "N"] + [f"{s} {m}" for s, m in columns]
     lines = [f"Dense: {results['dense_acc']:.2%} on {results['test_images']} test images. "
              f"Top-1 after the cut, no gradient step (BN re-estimated; `lstsq M` = compensation on M images first). "
              f"N: ranking images. Budget columns give the FLOPs kept in brackets; `uniform:0.368` and "
@@ -242,17 +244,16 @@ def markdown(results: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c, n in rows:
         row = [c, str(n)]
-        for s in settings:
-            for m in modes:
-                rs = [r for r in runs if (r["criterion"], r["rank_samples"]) == (c, n) and r["setting"] == s
-                      and mode(r) == m]
-                if not rs:
-                    row.append("")
-                    continue
-                accs = " / ".join(f"{100 * r['acc']:.1f}" for r in rs)
-                if not s.startswith("uniform"):
-                    accs += f" ({100 * rs[0]['flops_ratio']:.1f}%)"
-                row.append(accs)
+        for s, m in columns:
+            rs = [r for r in runs if (r["criterion"], r["rank_samples"]) == (c, n) and r["setting"] == s
+                  and mode(r) == m]
+            if not rs:
+                row.append("")
+                continue
+            accs = " / ".join(f"{100 * r['acc']:.1f}" for r in rs)
+            if not s.startswith("uniform"):
+                accs += f" ({100 * rs[0]['flops_ratio']:.1f}%)"
+            row.append(accs)
         lines.append("| " + " | ".join(row) + " |")
     rank_s = {(r["criterion"], r["rank_samples"]): r["rank_seconds"] for r in runs}
     seconds = [f"{c} (N={n}): {rank_s[c, n]} s" for c, n in rows]

@@ -19,7 +19,8 @@ the allocation here works for every criterion and measures what matters:
    layer's FLOPs against both its own kept outputs and its producer's kept inputs), until the
    budget is met. Between probed fractions the curve is a straight line, so the allocation mostly stops
    on them: probing 10 fractions instead of 4 (``--sensitivity-fractions``) lifted recon's one-shot
-   top-1 at flops=0.4 from 88.1% to 88.4% on the shared VGG16 (docs/QUALITY.md).
+   top-1 at flops=0.4 from 88.1% to 88.4% on the shared VGG16 (docs/QUALITY.md), not the fine-tuned
+   top-1 (89.4% against 89.6%, docs/STUDY.md), so the default grid stays.
 3. *Without compensation* (BN statistics re-estimated instead of the refit) the damage of several
    cut layers compounds instead of adding up: measured one layer at a time, all 14 allocations of
    the shared VGG16 (5 criteria, flops=0.4 and 0.2) sent conv9 to 10% kept and lost to a uniform

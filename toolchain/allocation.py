@@ -141,6 +141,17 @@ def probed_count(fraction: float, channels: int) -> int:
     return max(1, round(fraction * channels))
 
 
+def probed_counts(channels: int, fractions: Sequence[float], context_count: int | None) -> list[int]:
+    """A layer's kept counts on its sensitivity curve, in order: whole, its context count (when the context cuts
+    it), then each fraction's; each once."""
+    at_context = [context_count] if context_count is not None and context_count < channels else []
+    return list(dict.fromkeys([channels, *at_context, *(probed_count(f, channels) for f in fractions)]))
+
+
+def _by_count(points: Sequence[Sequence[float]], channels: int) -> dict[int, list[float]]:
+    return {round(f * channels): [f, v] for f, v in points}
+
+
 @torch.no_grad()
 def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], rankings: dict[str, LayerRanking],
                       example: torch.Tensor, probe: torch.Tensor, fit: torch.Tensor, *, compensation: bool,
@@ -162,13 +173,11 @@ def layer_sensitivity(dense: nn.Module, layers: Sequence[PrunableLayer], ranking
     out: Points = {}
     for layer in layers:
         c = layer.channels
-        have = {round(f * c): [f, v] for f, v in (known or {}).get(layer.name, [])}
+        have = _by_count((known or {}).get(layer.name, []), c)
         rest = {name: k for name, k in others.items() if name != layer.name}
         dense_targets: dict = {}  # the cuts of one layer refit the same consumers towards the same dense outputs
-        wanted = [c, *([others[layer.name]] if layer.name in others else []),
-                  *(probed_count(frac, c) for frac in fractions)]
         points = []
-        for k in dict.fromkeys(wanted):
+        for k in probed_counts(c, fractions, others.get(layer.name)):
             if k in have:
                 points.append(have[k])
             elif k == c:
@@ -255,13 +264,8 @@ def sensitivity_points(layers: Sequence[PrunableLayer], stored: Points, fraction
     measure with `fractions` and `context`, in its order; None when any is missing."""
     out: Points = {}
     for layer in layers:
-        c = layer.channels
-        have = {round(f * c): [f, v] for f, v in stored.get(layer.name, [])}
-        counts = [c]
-        if context and context.get(layer.name, c) < c:
-            counts.append(context[layer.name])
-        counts += [probed_count(f, c) for f in fractions]
-        counts = list(dict.fromkeys(counts))
+        have = _by_count(stored.get(layer.name, []), layer.channels)
+        counts = probed_counts(layer.channels, fractions, (context or {}).get(layer.name))
         if any(k not in have for k in counts):
             return None
         out[layer.name] = [have[k] for k in counts]

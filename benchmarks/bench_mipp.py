@@ -54,6 +54,18 @@ def load_data():
     return load_dataset("imagefolder", str(root), cache_dir=ROOT / ".data" / "cache", normalization="cifar10")
 
 
+def load_baseline(device: torch.device, test_images: int, seed: int):
+    """The shared CIFAR-10 copy, its class-balanced test subset (all of it at >= 10,000) and the shared
+    VGG16-BN baseline in eval mode on `device`."""
+    data = load_data()
+    test = data.test if test_images >= len(data.test) else data.test.subset(
+        balanced_indices(data.test.labels, test_images, seed))
+    dense = create_model("vgg16_bn", num_classes=10)
+    dense.load_state_dict(torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu",
+                                     weights_only=True))
+    return data, test, dense.to(device).eval()
+
+
 def accuracy(model, data, test_split, device) -> float:
     return evaluate(model, DeviceLoader(test_split, data, 250, device), device)
 
@@ -80,13 +92,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     t0 = time.perf_counter()
-    data = load_data()
-    test = data.test if args.test_images >= len(data.test) else data.test.subset(
-        balanced_indices(data.test.labels, args.test_images, args.seed))
-    dense = create_model("vgg16_bn", num_classes=10)
-    dense.load_state_dict(torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu",
-                                     weights_only=True))
-    dense = dense.to(device).eval()
+    data, test, dense = load_baseline(device, args.test_images, args.seed)
     example = torch.zeros(1, *data.input_shape, device=device)
     layers = find_prunable_layers(dense, example)
     flops_d, params_d = count_flops_params(dense, data.input_shape)

@@ -39,12 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("BUILD_EDGE_NO_PROGRESS", "1")
 
-from bench_mipp import load_data  # noqa: E402  (the sibling script: one way to unpack and load the data)
+from bench_mipp import load_baseline  # noqa: E402  (the sibling script: one way to load the data and baseline)
 
 from toolchain.allocation import SENSITIVITY_FRACTIONS, allocate_for_budget  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
 from toolchain.data import DeviceLoader, balanced_indices  # noqa: E402
-from toolchain.models import create_model  # noqa: E402
 from toolchain.ranking import CRITERIA, load_criteria  # noqa: E402
 from toolchain.ranking.base import LayerRanking, default_samples  # noqa: E402
 from toolchain.ranking.cutoffs import parse_budget  # noqa: E402
@@ -58,7 +57,6 @@ from toolchain.stages.prune import (  # noqa: E402
 from toolchain.stages.rank import rank_channels  # noqa: E402
 from toolchain.train.loop import evaluate, recalibrate_batchnorm  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
 DEFAULT_CRITERIA = ("recon,random,l1,bn-scale,taylor,cmi:kernel=adaptive:preserve=next,cmi:kernel=adaptive,"
                     "cmi:kernel=exact,mipp")
 DEFAULT_SETTINGS = "uniform:0.4,uniform:0.6,flops:0.4,flops:0.2,uniform:0.2"
@@ -111,13 +109,7 @@ def main() -> None:
              r.get("compensation_samples"), grid(r["setting"], r.get("sensitivity_fractions")))
             for r in results["runs"]}
 
-    data = load_data()
-    test = data.test if args.test_images >= len(data.test) else data.test.subset(
-        balanced_indices(data.test.labels, args.test_images, args.seed))
-    dense = create_model("vgg16_bn", num_classes=10)
-    dense.load_state_dict(torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu",
-                                     weights_only=True))
-    dense = dense.to(device).eval()
+    data, test, dense = load_baseline(device, args.test_images, args.seed)
     example = torch.zeros(2, *data.input_shape, device=device)
     layers = find_prunable_layers(dense, example)
     flops_d, params_d = count_flops_params(dense, data.input_shape)

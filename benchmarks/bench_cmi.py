@@ -33,6 +33,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_mipp import require_shared  # noqa: E402  (the sibling script)
+
 from toolchain.data import balanced_indices, load_dataset  # noqa: E402
 from toolchain.info.renyi import renyi_entropy  # noqa: E402
 from toolchain.models import create_model  # noqa: E402
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--kernel", default="exact", choices=["exact", "adaptive"])
     ap.add_argument("--budget", nargs="*", default=[], help="budgets to allocate from the curves, e.g. flops=0.4")
     args = ap.parse_args()
+    require_shared()
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]

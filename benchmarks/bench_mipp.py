@@ -45,6 +45,20 @@ SHARED = ROOT.parent / "shared"
 DEFAULT_MLP_LAYERS = "features.0,features.3,features.37,features.40"
 
 
+def require_shared() -> None:
+    """One line on stderr and exit code 2, before any work, when the shared baseline or the CIFAR-10 copy
+    (unpacked under .data, or the archive to unpack) is missing beside the checkout."""
+    archive = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
+    need = [SHARED / "models" / "vgg16_bn_cifar10.pt"]
+    if not (ROOT / ".data" / "cifar10" / "test").is_dir():
+        need.append(archive)
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        print(f"{Path(sys.argv[0]).name}: missing {', '.join(missing)} (the shared material beside the checkout)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def load_data():
     root = ROOT / ".data" / "cifar10"
     if not (root / "test").is_dir():
@@ -88,6 +102,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no-reference", action="store_true", help="skip the L1/random comparisons")
     args = ap.parse_args()
+    require_shared()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("BUILD_EDGE_NO_PROGRESS", "1")
 
-from bench_mipp import load_baseline  # noqa: E402  (the sibling script: one way to load the data and baseline)
+from bench_mipp import load_baseline, require_shared  # noqa: E402  (the sibling script: one way to load the data and baseline)
 
 from toolchain.allocation import SENSITIVITY_FRACTIONS, allocate_for_budget  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(ROOT / "docs" / "quality"))
     args = ap.parse_args()
+    require_shared()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)

@@ -1,4 +1,5 @@
-"""benchmarks/bench_quality.py's markdown: one column per setting and mode that some run fills."""
+"""benchmarks/bench_quality.py: its markdown (one column per setting and mode that some run fills) and,
+with bench_mipp.py and bench_cmi.py, their refusal without the shared material."""
 
 import sys
 from pathlib import Path
@@ -24,3 +25,22 @@ def test_a_budgets_sensitivity_grid_is_its_own_column_and_no_column_is_empty():
         "criterion", "N", "uniform:0.4 lstsq 2048", "flops:0.4 lstsq 2048", "flops:0.4 lstsq 2048, 5 fractions"]
     row = next(line for line in lines if line.startswith("| recon"))
     assert [c.strip() for c in row.strip("|").split("|")] == ["recon", "256", "87.1", "88.1 (40.0%)", "88.4 (40.0%)"]
+
+
+def test_missing_shared_material_is_one_line_and_exit_2_with_nothing_written(tmp_path):
+    # the scripts beside a checkout that has no ../shared: a user's clone, or CI without the material
+    import shutil
+    import subprocess
+
+    bench = tmp_path / "repo" / "benchmarks"
+    bench.mkdir(parents=True)
+    for name in ("bench_quality.py", "bench_mipp.py", "bench_cmi.py"):
+        shutil.copy(Path(bench_quality.__file__).parent / name, bench / name)
+    out = tmp_path / "out"
+    for script, extra in (("bench_quality.py", ["--out", str(out)]), ("bench_mipp.py", []), ("bench_cmi.py", [])):
+        proc = subprocess.run([sys.executable, str(bench / script), *extra], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "vgg16_bn_cifar10.pt" in lines[0] and "cifar10-jpeg.tar.gz" in lines[0]
+    assert not out.exists() and not (tmp_path / "repo" / ".data").exists()

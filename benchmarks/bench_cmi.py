@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,11 +32,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_mipp import require_shared  # noqa: E402  (the sibling script)
+from bench_mipp import load_data, load_dense, require_shared  # noqa: E402  (the sibling script)
 
-from toolchain.data import balanced_indices, load_dataset  # noqa: E402
+from toolchain.data import balanced_indices  # noqa: E402
 from toolchain.info.renyi import renyi_entropy  # noqa: E402
-from toolchain.models import create_model  # noqa: E402
 from toolchain.ranking.base import PrunableLayer  # noqa: E402
 from toolchain.ranking.capture import FeatureCapture  # noqa: E402
 from toolchain.ranking.cmi import rank_layer  # noqa: E402
@@ -53,15 +51,6 @@ from toolchain.ranking.cutoffs import (  # noqa: E402
 )
 from toolchain.stages.prune import find_prunable_layers  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
-
-
-def build_model() -> nn.Module:
-    model = create_model("vgg16_bn", num_classes=10)
-    state = torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
-
 
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """The prunable convs as the pipeline finds them (the dependency graph), with their FLOPs at 32x32."""
@@ -70,12 +59,7 @@ def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
 
 def load_samples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` class-balanced, normalised training images, chosen as the rank stage chooses them."""
-    root = ROOT / ".data" / "cifar10"
-    if not (root / "train").is_dir():
-        (ROOT / ".data").mkdir(exist_ok=True)
-        subprocess.run(["tar", "xzf", str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"), "-C", str(ROOT / ".data")],
-                       check=True)
-    data = load_dataset("imagefolder", str(root), cache_dir=ROOT / ".data" / "cache", normalization="cifar10")
+    data = load_data()
     idx = balanced_indices(data.train.labels, n, seed)
     return data.normalize(data.train.images[idx]), data.train.labels[idx]
 
@@ -169,7 +153,7 @@ def main() -> None:
     if args.devices == "cuda" or (args.devices == "auto" and torch.cuda.is_available()):
         devices = ([] if args.devices == "cuda" else devices) + [torch.device("cuda")]
     exact = None if args.exact_layers == "all" else {int(s) for s in args.exact_layers.split(",") if s}
-    model = build_model()
+    model = load_dense()
     layers = prunable_layers(model)
     images, labels = load_samples(args.samples, args.seed)
     print(f"VGG16-BN CIFAR-10, {len(layers)} conv layers, N={len(labels)} class-balanced "

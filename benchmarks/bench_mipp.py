@@ -42,16 +42,17 @@ from toolchain.stages.prune import find_prunable_layers, prune_model  # noqa: E4
 from toolchain.train.loop import evaluate, recalibrate_batchnorm  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
+CHECKPOINT = SHARED / "models" / "vgg16_bn_cifar10.pt"
+ARCHIVE = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
 DEFAULT_MLP_LAYERS = "features.0,features.3,features.37,features.40"
 
 
 def require_shared() -> None:
     """One line on stderr and exit code 2, before any work, when the shared baseline or the CIFAR-10 copy
     (unpacked under .data, or the archive to unpack) is missing beside the checkout."""
-    archive = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
-    need = [SHARED / "models" / "vgg16_bn_cifar10.pt"]
+    need = [CHECKPOINT]
     if not (ROOT / ".data" / "cifar10" / "test").is_dir():
-        need.append(archive)
+        need.append(ARCHIVE)
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
         print(f"{Path(sys.argv[0]).name}: missing {', '.join(missing)} (the shared material beside the checkout)",
@@ -63,7 +64,7 @@ def load_data():
     root = ROOT / ".data" / "cifar10"
     if not (root / "test").is_dir():
         (ROOT / ".data").mkdir(exist_ok=True)
-        subprocess.run(["tar", "xzf", str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"), "-C", str(ROOT / ".data")],
+        subprocess.run(["tar", "xzf", str(ARCHIVE), "-C", str(ROOT / ".data")],
                        check=True)
     return load_dataset("imagefolder", str(root), cache_dir=ROOT / ".data" / "cache", normalization="cifar10")
 
@@ -74,10 +75,14 @@ def load_baseline(device: torch.device, test_images: int, seed: int):
     data = load_data()
     test = data.test if test_images >= len(data.test) else data.test.subset(
         balanced_indices(data.test.labels, test_images, seed))
+    return data, test, load_dense().to(device)
+
+
+def load_dense() -> torch.nn.Module:
+    """The shared VGG16-BN baseline, in eval mode on the CPU."""
     dense = create_model("vgg16_bn", num_classes=10)
-    dense.load_state_dict(torch.load(SHARED / "models" / "vgg16_bn_cifar10.pt", map_location="cpu",
-                                     weights_only=True))
-    return data, test, dense.to(device).eval()
+    dense.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    return dense.eval()
 
 
 def accuracy(model, data, test_split, device) -> float:

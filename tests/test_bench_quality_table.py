@@ -1,6 +1,8 @@
 """benchmarks/bench_quality.py: its markdown (one column per setting and mode that some run fills) and,
 with bench_mipp.py and bench_cmi.py, their refusal without the shared material."""
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,9 +31,6 @@ def test_a_budgets_sensitivity_grid_is_its_own_column_and_no_column_is_empty():
 
 def test_missing_shared_material_is_one_line_and_exit_2_with_nothing_written(tmp_path):
     # the scripts beside a checkout that has no ../shared: a user's clone, or CI without the material
-    import shutil
-    import subprocess
-
     bench = tmp_path / "repo" / "benchmarks"
     bench.mkdir(parents=True)
     for name in ("bench_quality.py", "bench_mipp.py", "bench_cmi.py"):

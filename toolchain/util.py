@@ -1,4 +1,8 @@
-"""Small shared helpers: atomic writes, hashing, device choice."""
+"""Small shared helpers: atomic writes, hashing, device choice.
+
+torch is imported where it is used: the benchmark child (toolchain.backends.runner) reaches this module
+through the TensorRT backend, and importing torch there cost each timed ONNX Runtime process 2-3 s.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview, mode: int = 0o644) -> None:
@@ -40,6 +45,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     torch names the archive's root folder after the file it writes to, so saving to a random temp
     name would put that name inside the file; saving to memory names it ``archive`` every time.
     """
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getbuffer())
@@ -109,6 +116,8 @@ def stable_hash(obj: Any) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

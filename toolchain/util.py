@@ -1,7 +1,9 @@
 """Small shared helpers: atomic writes, hashing, device choice.
 
 torch is imported where it is used: the benchmark child (toolchain.backends.runner) reaches this module
-through the TensorRT backend, and importing torch there cost each timed ONNX Runtime process 2-3 s.
+through the TensorRT backend, and torch there made the child's memory that of torch, not of the runtime
+(3.2 GB of address space, ~700 MB resident before any model: nothing fitted a 4 GB target's budget) and
+started each timed ONNX Runtime process 2-3 s late.
 """
 
 from __future__ import annotations

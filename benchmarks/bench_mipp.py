@@ -44,6 +44,7 @@ from toolchain.train.loop import evaluate, recalibrate_batchnorm  # noqa: E402
 SHARED = ROOT.parent / "shared"
 CHECKPOINT = SHARED / "models" / "vgg16_bn_cifar10.pt"
 ARCHIVE = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
+DATA = ROOT / ".data" / "cifar10"  # where the archive is unpacked
 DEFAULT_MLP_LAYERS = "features.0,features.3,features.37,features.40"
 
 
@@ -51,7 +52,7 @@ def require_shared() -> None:
     """One line on stderr and exit code 2, before any work, when the shared baseline or the CIFAR-10 copy
     (unpacked under .data, or the archive to unpack) is missing beside the checkout."""
     need = [CHECKPOINT]
-    if not (ROOT / ".data" / "cifar10" / "test").is_dir():
+    if not (DATA / "test").is_dir():
         need.append(ARCHIVE)
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
@@ -61,12 +62,10 @@ def require_shared() -> None:
 
 
 def load_data():
-    root = ROOT / ".data" / "cifar10"
-    if not (root / "test").is_dir():
-        (ROOT / ".data").mkdir(exist_ok=True)
-        subprocess.run(["tar", "xzf", str(ARCHIVE), "-C", str(ROOT / ".data")],
-                       check=True)
-    return load_dataset("imagefolder", str(root), cache_dir=ROOT / ".data" / "cache", normalization="cifar10")
+    if not (DATA / "test").is_dir():
+        DATA.parent.mkdir(exist_ok=True)
+        subprocess.run(["tar", "xzf", str(ARCHIVE), "-C", str(DATA.parent)], check=True)
+    return load_dataset("imagefolder", str(DATA), cache_dir=DATA.parent / "cache", normalization="cifar10")
 
 
 def load_baseline(device: torch.device, test_images: int, seed: int):

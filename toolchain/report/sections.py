@@ -93,7 +93,7 @@ def summary(doc: Doc, mf: Manifest) -> None:
     exact, host = mf.metrics.acc_int8, mf.metrics.acc_int8_host
     if exact is not None and host is not None and exact - host > INT8_HOST_GAP:
         # without this line a reader takes the host row for the INT8 model's accuracy and discards a good model
-        doc.p(f"The INT8 model keeps {pct(exact)} with exact int8 arithmetic; the {pp(host, exact).lstrip('−')} "
+        doc.p(f"The INT8 model keeps {pct(exact)} with exact int8 arithmetic; the {100 * (exact - host):.2f} pp "
               f"lower figure of ONNX Runtime's fused int8 kernels on {mf.host} is that CPU's arithmetic, not the "
               "model's: on x86 CPUs without VNNI those kernels add pairs of 8-bit products in 16 bits (VPMADDUBSW), "
               "which saturate. TensorRT's INT8 kernels, and ONNX Runtime on CPUs with VNNI, accumulate in 32 bits.")

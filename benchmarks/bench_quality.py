@@ -12,7 +12,10 @@ N class-balanced training images), then for each setting it cuts the network for
 Settings: ``uniform:F`` removes the fraction F of every conv's channels; ``flops:F`` /
 ``params:F`` keep at most F of the prunable convs' cost, with counts from the measured
 sensitivity allocator (``toolchain.allocation.allocate_for_budget``, as the prune stage calls it;
-measured with the same compensation mode, kept under ``--out``/sensitivity).
+measured with the same compensation mode, kept under ``--out``/sensitivity); ``matched:flops:F`` cuts
+every criterion to the keep counts the reference criterion's ``flops:F`` record chose (``--reference``,
+build-edge's default criterion; same seed, mode and sensitivity grid), so the criteria are compared at
+the same keep counts, as the quality goal states it; ``flops:F`` gives each criterion its own allocation.
 Results go to ``--out`` as JSON (one record per run; an interrupted run resumes and skips the
 records already there) and a markdown table.
 
@@ -43,6 +46,7 @@ from bench_mipp import load_baseline, require_shared  # noqa: E402  (the sibling
 
 from toolchain.allocation import SENSITIVITY_FRACTIONS, allocate_for_budget  # noqa: E402
 from toolchain.compensation import compensate  # noqa: E402
+from toolchain.config import Config  # noqa: E402
 from toolchain.data import DeviceLoader, balanced_indices  # noqa: E402
 from toolchain.ranking import CRITERIA, load_criteria  # noqa: E402
 from toolchain.ranking.base import LayerRanking, default_samples  # noqa: E402
@@ -74,6 +78,23 @@ def parse_criterion(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def matched_counts(results: dict, setting: str, *, reference: str, seed: int, mode: str,
+                   compensation_samples: int | None, fractions: tuple) -> dict[str, int] | None:
+    """The keep counts of ``matched:BUDGET``: those of the reference criterion's ``BUDGET`` record with the
+    same seed, compensation and sensitivity grid (its default ranking images); None when no such record."""
+    load_criteria()  # the reference's default ranking images come from its registry entry
+    budget = setting.partition(":")[2]
+    default_grid = tuple(SENSITIVITY_FRACTIONS)
+    for r in results["runs"]:
+        if (r["criterion"], r["seed"], r["setting"], r["compensation"]) != (reference, seed, budget, mode):
+            continue
+        if r.get("compensation_samples") != compensation_samples or r["rank_samples"] != default_samples(reference):
+            continue
+        if tuple(r.get("sensitivity_fractions") or default_grid) == tuple(fractions):
+            return dict(r["kept_counts"])
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--criteria", default=DEFAULT_CRITERIA)
@@ -88,6 +109,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sensitivity-fractions", default=",".join(map(str, SENSITIVITY_FRACTIONS)),
                     help="kept fractions a budget's sensitivity probes per layer (build-edge --sensitivity-fractions)")
+    ap.add_argument("--reference", default=Config.criterion,
+                    help="the criterion whose budget allocation a matched:... setting applies to every criterion")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(ROOT / "docs" / "quality"))
     args = ap.parse_args()
@@ -95,13 +118,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     def fitted(mode: str) -> int | None:  # compensation images of a run (None: no compensation)
         return args.compensation_samples if mode == "lstsq" else None
 
     fractions = tuple(float(f) for f in args.sensitivity_fractions.split(","))
+    matched = {}  # (setting, mode) -> the reference's keep counts
+    for setting in (s for s in args.settings.split(",") if s.startswith("matched:")):
+        for mode in args.compensation.split(","):
+            counts = matched_counts(results, setting, reference=args.reference, seed=args.seed, mode=mode,
+                                    compensation_samples=fitted(mode), fractions=fractions)
+            if counts is None:
+                budget = setting.partition(":")[2]
+                print(f"error: {setting} needs {args.reference}'s {budget} record ({mode}, seed {args.seed}, this "
+                      f"grid) in {results_path}: run --criteria {args.reference} --settings {budget} --compensation "
+                      f"{mode} first", file=sys.stderr)
+                sys.exit(2)
+            matched[setting, mode] = counts
+    out.mkdir(parents=True, exist_ok=True)
 
     def grid(setting: str, record_fractions=None) -> tuple | None:  # a budget's sensitivity grid (None: uniform cut)
         return None if setting.startswith("uniform") else tuple(record_fractions or SENSITIVITY_FRACTIONS)
@@ -147,7 +182,8 @@ def main() -> None:
             keep_ratio = (uniform[0] if uniform else 0.5) if getattr(CRITERIA.get(name), "reads_keep_ratio", False) \
                 else None
             todo = [(s, m) for s in settings for m in modes
-                    if (spec, seed, s, m, samples, fitted(m), grid(s, fractions)) not in done]
+                    if (spec, seed, s, m, samples, fitted(m), grid(s, fractions)) not in done
+                    and not (s.startswith("matched:") and spec == args.reference)]  # its own budget record
             if not todo:
                 continue
             stem = spec.replace(":", "_").replace("=", "-")
@@ -172,6 +208,8 @@ def main() -> None:
                 alloc_s = None
                 if kind == "uniform":
                     counts = {layer.name: max(1, round((1 - float(value)) * layer.channels)) for layer in layers}
+                elif kind == "matched":
+                    counts = matched[setting, mode]
                 else:
                     # with compensation the sensitivity serves every budget; without, it is measured around
                     # each budget's uniform cut (toolchain.allocation), so its file names the budget
@@ -215,9 +253,13 @@ def main() -> None:
 def markdown(results: dict) -> str:
     runs = results["runs"]
 
-    def setting_order(s: str) -> tuple:  # uniform cuts by fraction removed, then budgets from loose to tight
+    def setting_order(s: str) -> tuple:
+        # uniform cuts by fraction removed, then budgets from loose to tight, each followed by its matched cut
         kind, _, value = s.partition(":")
-        return (kind != "uniform", float(value) if kind == "uniform" else -float(value))
+        if kind == "uniform":
+            return (0, float(value), 0)
+        matched = kind == "matched"
+        return (1, -float(value.rpartition(":")[2]), int(matched))
 
     settings = sorted(dict.fromkeys(r["setting"] for r in runs), key=setting_order)
     def mode(r: dict) -> str:  # a budget's sensitivity grid other than the default is named in its column
@@ -233,7 +275,10 @@ def markdown(results: dict) -> str:
              f"Top-1 after the cut, no gradient step (BN re-estimated; `lstsq M` = compensation on M images first). "
              f"N: ranking images. Budget columns give the FLOPs kept in brackets; `uniform:0.368` and "
              f"`uniform:0.553` are the uniform cuts nearest the FLOPs of `flops:0.4` and `flops:0.2` (40.0% and "
-             f"20.1%), `uniform:0.3682` and `uniform:0.555` the largest within them (39.9% and 19.9%).", "",
+             f"20.1%), `uniform:0.3682` and `uniform:0.555` the largest within them (39.9% and 19.9%). "
+             f"`matched:flops:F`: every criterion cut to the keep counts that the reference criterion's own "
+             f"`flops:F` allocation chose (the same keep counts for all; the reference's own figure is its "
+             f"`flops:F` column).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c, n in rows:
         row = [c, str(n)]

@@ -80,6 +80,9 @@ class TargetProfile:
     tensorrt_version: str | None = None
     workspace_mb: int | None = None  # TensorRT builder workspace
     max_onnx_opset: int | None = None  # highest ONNX opset its TensorRT parser reads (None: no limit known)
+    # bits of the INT8 model's weights: 7 where ONNX Runtime runs int8 on x86 CPUs without VNNI, whose
+    # kernels add pairs of 8-bit products in 16 bits (VPMADDUBSW) and saturate with full-range weights
+    int8_weight_bits: int = 8
     sources: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     unverified: tuple[str, ...] = ()  # fields taken from secondary sources
     estimated: tuple[str, ...] = ()  # fields derived by a formula (see sources / YAML comments)
@@ -234,6 +237,8 @@ def _validate(p: TargetProfile, where: str) -> None:
         for name in ("gpu", "tensorrt_major", "workspace_mb"):
             if getattr(p, name) is None:
                 raise UserError(f"{where}: runtime tensorrt needs {name}")
+    if p.int8_weight_bits not in (7, 8):
+        raise UserError(f"{where}: int8_weight_bits must be 8 or 7 (x86 CPUs without VNNI), got {p.int8_weight_bits}")
     if not p.batch_sizes or any(b <= 0 for b in p.batch_sizes):
         raise UserError(f"{where}: batch_sizes must be a non-empty list of positive integers")
     for name in ("memory_gb", "memory_bandwidth_gbs", "memory_budget_mb", "threads", "workspace_mb"):

@@ -281,6 +281,13 @@ def test_a_host_int8_figure_far_below_the_exact_one_is_explained(tmp_path, host,
     assert f"| {100 * host:.2f}% |" in _row(_summary_rows(md), "top-1 INT8 with ONNX Runtime")
     assert ("The INT8 model keeps 91.50% with exact int8 arithmetic; the 11.50 pp lower figure" in md) is note
     assert ("VPMADDUBSW" in md) is note
+    assert ("`int8_weight_bits: 7`" in md) is note  # the way out, for a build quantized with 8-bit weights
+    manifest["precision"] = "int8"
+    manifest["quantization"] = {**manifest.get("quantization", {}), "method": "minmax", "per_channel": True,
+                                "reduce_range": True}
+    write_report(tmp_path, manifest)
+    md = (tmp_path / "report.md").read_text()
+    assert "per-channel 7-bit weights" in md and "`int8_weight_bits: 7`" not in md
 
 
 @pytest.mark.parametrize("acc, kept", [(0.945, True), (0.93, True), (0.929, False)])

@@ -191,3 +191,19 @@ def test_a_budgets_sensitivity_grid_keys_the_prune_and_the_default_grid_is_the_o
     base = {**BASE, "budget": "flops=0.4"}
     assert _changed(base, "sensitivity_fractions", [0.9, 0.5, 0.2], None) == _rerun("prune")
     assert _changed(base, "sensitivity_fractions", [0.75, 0.5, 0.25, 0.1], None) == []
+
+
+def test_a_target_with_7_bit_int8_weights_requantizes_and_8_bits_keep_the_old_quantize_key(checkpoint):
+    """x86-cpu's profile asks for 7-bit weights (its int8 kernels saturate with 8); other targets' keys hold no
+    weight_bits, so their cached quantize stages stay valid; the same name edited to 8 bits re-quantizes."""
+    from toolchain.stages.base import key_of
+
+    cfg = build_config({}, {**BASE, "checkpoint": checkpoint, "target": "x86-cpu"})
+    pre = preflight(cfg)
+    assert stage_inputs(cfg, pre)["quantize"].weight_bits == 7
+    eight = dataclasses.replace(pre, target=dataclasses.replace(pre.target, int8_weight_bits=8))
+    assert "weight_bits" not in key_of(stage_inputs(cfg, eight)["quantize"])
+    a, b = _digests(cfg, pre), _digests(cfg, eight)
+    assert [name for name in ORDER if a[name] != b[name]] == ["quantize", "engine", "bench"]
+    jetson = build_config({}, {**BASE, "checkpoint": checkpoint})
+    assert "weight_bits" not in key_of(stage_inputs(jetson, preflight(jetson))["quantize"])

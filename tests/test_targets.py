@@ -81,6 +81,12 @@ def test_raspberry_pi_and_x86_are_onnxruntime_cpu_targets():
     assert pi4.cpu.fp16_tflops is None and not pi4.supports_fp16  # Armv8.0 has no FP16 arithmetic
 
 
+def test_only_the_x86_profile_quantizes_weights_to_7_bits():
+    # its AVX2 int8 kernels saturate with full-range weights; TensorRT and Arm's int8 kernels accumulate in 32 bits
+    assert {name: load_target(name).int8_weight_bits for name in EXPECTED} == {
+        name: 7 if name == "x86-cpu" else 8 for name in EXPECTED}
+
+
 def test_int8_peaks_are_dense_not_sparse():
     # docs/design/targets.md: Orin Nano 8GB 40 sparse, Orin Nano 4GB 20 sparse / 10 dense (GPU only, no DLA)
     assert load_target("jetson-orin-nano-8gb").gpu.int8_tops == pytest.approx(40 / 2)
@@ -213,6 +219,7 @@ def test_user_yaml_without_base_must_be_complete(tmp_path):
         ("base: raspberry-pi-4\ndefault_precision: fp16\n", "fp16 is not supported"),
         ("base: jetson\ngpu: null\n", "runtime tensorrt needs gpu"),
         ("base: jetson\nunverified: [gpu.bogus]\n", "unknown field 'gpu.bogus'"),
+        ("base: x86-cpu\nint8_weight_bits: 4\n", "int8_weight_bits must be 8 or 7"),
         ("base: jetson-orin-nano-16gb\n", "unknown target 'jetson-orin-nano-16gb'"),
     ],
 )

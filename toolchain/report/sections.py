@@ -58,7 +58,8 @@ def intro(doc: Doc, mf: Manifest) -> None:
         text += f" Deployment precision: {mf.precision}"
         if quant.get("method"):
             text += (f" (INT8 calibration: {quant['method']}, "
-                     f"{'per-channel' if quant.get('per_channel') else 'per-tensor'} weights"
+                     f"{'per-channel' if quant.get('per_channel') else 'per-tensor'}"
+                     + (" 7-bit" if quant.get("reduce_range") else "") + " weights"
                      + (f", {quant['images']} images" if quant.get("images") else "") + ")")
         text += "."
     doc.p(text)
@@ -96,7 +97,10 @@ def summary(doc: Doc, mf: Manifest) -> None:
         doc.p(f"The INT8 model keeps {pct(exact)} with exact int8 arithmetic; the {100 * (exact - host):.2f} pp "
               f"lower figure of ONNX Runtime's fused int8 kernels on {mf.host} is that CPU's arithmetic, not the "
               "model's: on x86 CPUs without VNNI those kernels add pairs of 8-bit products in 16 bits (VPMADDUBSW), "
-              "which saturate. TensorRT's INT8 kernels, and ONNX Runtime on CPUs with VNNI, accumulate in 32 bits.")
+              "which saturate. TensorRT's INT8 kernels, and ONNX Runtime on CPUs with VNNI, accumulate in 32 bits"
+              + ("." if mf.quantization.get("reduce_range") else
+                 "; for such a CPU, a target profile with `int8_weight_bits: 7` (as x86-cpu has) quantizes the "
+                 "weights to 7 bits, which do not saturate."))
 
 
 def _accuracy_rows(mf: Manifest) -> list[Row]:

@@ -124,9 +124,11 @@ def main() -> None:
         return args.compensation_samples if mode == "lstsq" else None
 
     fractions = tuple(float(f) for f in args.sensitivity_fractions.split(","))
+    settings = args.settings.split(",")
+    modes = args.compensation.split(",")
     matched = {}  # (setting, mode) -> the reference's keep counts
-    for setting in (s for s in args.settings.split(",") if s.startswith("matched:")):
-        for mode in args.compensation.split(","):
+    for setting in (s for s in settings if s.startswith("matched:")):
+        for mode in modes:
             counts = matched_counts(results, setting, reference=args.reference, seed=args.seed, mode=mode,
                                     compensation_samples=fitted(mode), fractions=fractions)
             if counts is None:
@@ -170,8 +172,6 @@ def main() -> None:
         (out / "results.md").write_text(markdown(results))
 
     load_criteria()
-    settings = args.settings.split(",")
-    modes = args.compensation.split(",")
     for spec in args.criteria.split(","):
         name, options = parse_criterion(spec)
         seeds = range(args.seed, args.seed + (args.random_seeds if name == "random" else 1))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_quality  # noqa: E402
@@ -87,7 +89,6 @@ def test_a_matched_cut_sorts_after_its_budget_in_the_table():
 def test_a_matched_cut_without_the_reference_record_is_one_line_and_exit_2_with_nothing_written(tmp_path):
     script = Path(bench_quality.__file__)
     if not (script.parents[2] / "shared" / "models" / "vgg16_bn_cifar10.pt").exists():
-        import pytest
         pytest.skip("needs ../shared (the check runs after the shared material's)")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(script), "--criteria", "l1", "--settings", "matched:flops:0.4",

@@ -63,6 +63,8 @@ HELP = {
               "normalisation (DeVries & Taylor 2017; 16 on 32x32 images; smaller than the image), 0 (default) off",
     "baseline_cutout": "the same augmentation when the baseline is trained (no --checkpoint, or a new head): "
                        "the square's side, 0 (default) off",
+    "ema_decay": "fine-tune: keep an exponential moving average of the weights (and BN statistics) with this "
+                 "decay per step (e.g. 0.999) and end on it; unset (default): end on the raw weights",
     "precision": "engine precision: fp32, fp16 or int8 (default: the target's)",
     "calibration_method": "INT8 calibration: minmax, entropy or percentile",
     "bench_batch_sizes": "comma-separated batch sizes to benchmark (default: 1 and the target's)",

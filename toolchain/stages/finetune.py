@@ -43,6 +43,7 @@ class Inputs:
     seed: int
     bn_images: int
     cutout: int | None = field(default=None, metadata=OMIT_IF_NONE)  # square side; None: off (keys from before)
+    ema_decay: float | None = field(default=None, metadata=OMIT_IF_NONE)  # None: off, the model ends on its raw weights
 
 
 @dataclass
@@ -55,7 +56,7 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
     model = prune.load_pruned(ctx, inputs.prune, inputs.model)
     recipe = Recipe(epochs=inputs.epochs, lr=inputs.lr, momentum=inputs.momentum, weight_decay=inputs.weight_decay,
                     label_smoothing=inputs.label_smoothing, distill_alpha=inputs.distill_alpha,
-                    distill_temperature=inputs.distill_temperature, amp=inputs.amp)
+                    distill_temperature=inputs.distill_temperature, amp=inputs.amp, ema_decay=inputs.ema_decay)
     teacher = baseline.load_model(ctx, inputs.baseline, inputs.model) if inputs.distill else None
     model, history = finetune(model, ctx.data, recipe, ctx.device, folder, batch_size=inputs.batch_size,
                               seed=inputs.seed, teacher=teacher, bn_images=inputs.bn_images,

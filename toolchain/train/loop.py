@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from toolchain.train import distributed as dist_utils
 from toolchain.train.progress import progress_bar
@@ -63,6 +64,7 @@ class Recipe:
     distill_temperature: float = 4.0
     amp: str = "auto"
     warmup_steps: int = 0
+    ema_decay: float | None = None  # keep an exponential moving average of the weights and end on it
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe, steps_per_epoch: int):
@@ -97,8 +99,16 @@ def distillation_loss(student_logits, teacher_logits, labels, *, alpha: float, t
     return (1 - alpha) * hard + alpha * soft
 
 
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights and the BN statistics (buffers too, so the averaged
+    weights come with statistics of the same mix): a copy of the weights after the first optimizer step, then
+    ``ema = decay * ema + (1 - decay) * model`` after every later one (torch's ``AveragedModel``)."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torch.device, recipe: Recipe, *,
-                    teacher: nn.Module | None = None, scaler=None, desc: str = "train") -> dict[str, float]:
+                    teacher: nn.Module | None = None, scaler=None, ema: AveragedModel | None = None,
+                    desc: str = "train") -> dict[str, float]:
     model.train()
     total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     with progress_bar(len(loader), desc) as bar:
@@ -122,6 +132,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torc
                 loss.backward()
                 optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(dist_utils.unwrap(model))
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -176,10 +188,13 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, max_im
 def fit(model: nn.Module, train_loader, test_loader, device: torch.device, recipe: Recipe, workdir: Path, *,
         teacher: nn.Module | None = None, desc: str = "finetune",
         on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Epoch loop with a checkpoint after every epoch; resumes from ``workdir/last.pt``."""
+    """Epoch loop with a checkpoint after every epoch; resumes from ``workdir/last.pt``. With
+    ``recipe.ema_decay`` every check reads the raw weights (``test_acc``) and their average
+    (``test_acc_ema``), and the model ends holding the average."""
     ckpt_path = workdir / "last.pt"
     opt, sched = make_optimizer(model, recipe, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if _needs_scaler(device) else None
+    ema = make_ema(dist_utils.unwrap(model), recipe.ema_decay) if recipe.ema_decay else None
     history: list[dict[str, Any]] = []
     start = 0
     if ckpt_path.exists():
@@ -187,22 +202,33 @@ def fit(model: nn.Module, train_loader, test_loader, device: torch.device, recip
         dist_utils.unwrap(model).load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         start, history = ckpt["epoch"], list(ckpt["history"])
         log.info("%s: resuming after epoch %d of %d", desc, start, recipe.epochs)
     for epoch in range(start, recipe.epochs):
         train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
         stats = train_one_epoch(model, train_loader, opt, sched, device, recipe, teacher=teacher, scaler=scaler,
-                                desc=f"{desc} {epoch + 1}/{recipe.epochs}")
+                                ema=ema, desc=f"{desc} {epoch + 1}/{recipe.epochs}")
         stats["test_acc"] = evaluate(model, test_loader, device, amp=recipe.amp,
                                      desc=f"eval {epoch + 1}/{recipe.epochs}")
+        if ema is not None:
+            stats["test_acc_ema"] = evaluate(ema.module, test_loader, device, amp=recipe.amp,
+                                             desc=f"eval ema {epoch + 1}/{recipe.epochs}")
         stats.update(epoch=epoch + 1, secs=round(time.perf_counter() - t0, 2))
         history.append(stats)
-        log.info("%s epoch %d/%d: loss %.4f train %.4f test %.4f (%.1fs)", desc, epoch + 1, recipe.epochs,
-                 stats["loss"], stats["train_acc"], stats["test_acc"], stats["secs"])
+        log.info("%s epoch %d/%d: loss %.4f train %.4f test %.4f%s (%.1fs)", desc, epoch + 1, recipe.epochs,
+                 stats["loss"], stats["train_acc"], stats["test_acc"],
+                 f" ema {stats['test_acc_ema']:.4f}" if ema is not None else "", stats["secs"])
         if dist_utils.is_main():
-            atomic_torch_save({"model": dist_utils.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history}, ckpt_path)
+            state = {"model": dist_utils.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            atomic_torch_save(state, ckpt_path)
         if on_epoch is not None:
             on_epoch(stats)
+    if ema is not None:
+        dist_utils.unwrap(model).load_state_dict(ema.module.state_dict())
     return history

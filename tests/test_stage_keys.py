@@ -37,7 +37,7 @@ FIRST = {
     "finetune_epochs": (2, "finetune"), "lr": (0.5, "finetune"), "momentum": (0.8, "baseline"),
     "weight_decay": (1e-4, "baseline"), "label_smoothing": (0.0, "baseline"), "distill": (True, "finetune"),
     "distill_alpha": (0.9, "finetune"), "distill_temperature": (2.0, "finetune"),
-    "cutout": (8, "finetune"), "amp": ("off", "baseline"),
+    "cutout": (8, "finetune"), "ema_decay": (0.999, "finetune"), "amp": ("off", "baseline"),
     "opset": (17, "export"), "parity_tolerance": (1e-2, "export"), "precision": ("fp16", "engine"),
     "calibration_samples": (64, "quantize"), "calibration_method": ("entropy", "quantize"),
     "bench_runs": (7, "bench"), "bench_batch_sizes": ([1, 4], "engine"),
@@ -155,6 +155,11 @@ def test_a_stage_input_added_later_keeps_the_old_keys_while_unset():
     assert "cutout" not in key_of(baseline.Inputs(None, "vgg11_bn", training=training))["training"]
     cut = dataclasses.replace(training, cutout=16)
     assert key_of(baseline.Inputs(None, "vgg11_bn", training=cut))["training"]["cutout"] == 16
+    from toolchain.stages import finetune
+
+    tuned = finetune.Inputs("p", "b", "vgg11_bn", 15, 0.01, 0.9, 5e-4, 0.1, True, 0.5, 4.0, 128, "auto", 1, 0, 2000, 16)
+    assert "ema_decay" not in key_of(tuned)  # the fine-tunes run before the option keep their cached results
+    assert key_of(dataclasses.replace(tuned, ema_decay=0.999))["ema_decay"] == 0.999
 
 
 @pytest.fixture(scope="module")

@@ -230,6 +230,12 @@ def _ema(cfg: dict[str, Any]) -> str:
     return f", ending on the weights' moving average (decay {cfg['ema_decay']})" if cfg.get("ema_decay") else ""
 
 
+def _features(cfg: dict[str, Any]) -> str:
+    """A setup line's clause for distillation at the kept channels ("" when off, and for configs before it)."""
+    w = cfg.get("distill_features")
+    return f", the cut layers' outputs matched to the dense model's at the kept channels (weight {w:g})" if w else ""
+
+
 def _distill_tag(distill: bool) -> str:
     return "KD" if distill else "CE"
 
@@ -493,7 +499,7 @@ def write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, Any
              f"- fine-tuning: {cfg['finetune_epochs']} epochs, SGD nesterov lr {cfg['lr']} cosine, batch "
              f"{cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}; distillation "
              f"(KD) alpha {cfg['distill_alpha']}, T {cfg['distill_temperature']}"
-             f"{_cutout(cfg)}{_ema(cfg)}; device {summary['device']}",
+             f"{_cutout(cfg)}{_ema(cfg)}{_features(cfg)}; device {summary['device']}",
              f"- ranking samples {cfg['rank_samples']}, BN re-estimation on {cfg['bn_recalibration']} images, "
              f"INT8 calibration {cfg['calibration_method']} on {cfg['calibration_samples']} images",
              f"- latency: ONNX Runtime CPU on this host, target profile {cfg['target']}, {cfg['bench_runs']} runs, "
@@ -740,7 +746,7 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
               f"- fine-tuning: {cfg['finetune_epochs']} epochs on every training image, SGD nesterov lr {cfg['lr']} "
               f"cosine, batch {cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}, "
               f"distillation from the dense model alpha {cfg['distill_alpha']} T {cfg['distill_temperature']}"
-              f"{_cutout(cfg)}{_ema(cfg)}",
+              f"{_cutout(cfg)}{_ema(cfg)}{_features(cfg)}",
               f"- latency: ONNX Runtime CPU on {host}, {cfg['bench_runs']} runs, batch 1, p50", ""]
     lines += ["## Runs", ""]
     for r in rows:

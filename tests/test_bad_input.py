@@ -148,6 +148,8 @@ def test_09_every_sweep_value_is_checked_before_the_first_variant(tmp_path, caps
     (["--momentum", "-1"], "momentum"), (["--momentum", "1.5"], "momentum"),
     (["--weight-decay", "-1"], "weight_decay"), (["--parity-tolerance", "-1"], "parity_tolerance"),
     (["--distill-temperature", "0"], "distill_temperature"),
+    (["--distill", "--distill-features", "0"], "distill_features must be > 0"),
+    (["--distill-features", "1"], "distill_features needs distill"),
     (["--cutout", "-1"], "cutout"), (["--baseline-cutout", "-2"], "baseline_cutout"),
     (["--image-size", "16", "--cutout", "16"], "smaller than image_size"),
     (["--sensitivity-fractions", "0.5,1.0"], "sensitivity_fractions"),

@@ -37,11 +37,14 @@ FIRST = {
     "finetune_epochs": (2, "finetune"), "lr": (0.5, "finetune"), "momentum": (0.8, "baseline"),
     "weight_decay": (1e-4, "baseline"), "label_smoothing": (0.0, "baseline"), "distill": (True, "finetune"),
     "distill_alpha": (0.9, "finetune"), "distill_temperature": (2.0, "finetune"),
-    "cutout": (8, "finetune"), "ema_decay": (0.999, "finetune"), "amp": ("off", "baseline"),
+    "cutout": (8, "finetune"), "ema_decay": (0.999, "finetune"),
+    "distill_features": (1.0, "finetune"), "amp": ("off", "baseline"),
     "opset": (17, "export"), "parity_tolerance": (1e-2, "export"), "precision": ("fp16", "engine"),
     "calibration_samples": (64, "quantize"), "calibration_method": ("entropy", "quantize"),
     "bench_runs": (7, "bench"), "bench_batch_sizes": ([1, 4], "engine"),
 }
+# what a field needs set beside it to be valid (the base of its row)
+NEEDS = {"distill_features": {"distill": True}}
 # with a checkpoint the baseline is the checkpoint: its training settings only reach the fine-tune
 WITH_CHECKPOINT = {"baseline_epochs": None, "baseline_lr": None, "baseline_cutout": None, "batch_size": "finetune",
                    "momentum": "finetune",
@@ -90,7 +93,8 @@ def test_every_config_field_is_in_the_table():
 @pytest.mark.parametrize("field", sorted(FIRST))
 def test_a_change_reruns_exactly_the_stages_that_read_it(field, checkpoint, tmp_path):
     value, first = FIRST[field]
-    assert _changed(dict(BASE), field, _value(value, checkpoint), tmp_path) == _rerun(first), field
+    base = {**BASE, **NEEDS.get(field, {})}
+    assert _changed(base, field, _value(value, checkpoint), tmp_path) == _rerun(first), field
 
 
 @pytest.mark.parametrize("field", sorted(WITH_CHECKPOINT))
@@ -160,6 +164,8 @@ def test_a_stage_input_added_later_keeps_the_old_keys_while_unset():
     tuned = finetune.Inputs("p", "b", "vgg11_bn", 15, 0.01, 0.9, 5e-4, 0.1, True, 0.5, 4.0, 128, "auto", 1, 0, 2000, 16)
     assert "ema_decay" not in key_of(tuned)  # the fine-tunes run before the option keep their cached results
     assert key_of(dataclasses.replace(tuned, ema_decay=0.999))["ema_decay"] == 0.999
+    assert "distill_features" not in key_of(tuned)
+    assert key_of(dataclasses.replace(tuned, distill_features=1.0))["distill_features"] == 1.0
 
 
 @pytest.fixture(scope="module")

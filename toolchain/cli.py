@@ -65,6 +65,9 @@ HELP = {
                        "the square's side, 0 (default) off",
     "ema_decay": "fine-tune: keep an exponential moving average of the weights (and BN statistics) with this "
                  "decay per step (e.g. 0.999) and end on it; unset (default): end on the raw weights",
+    "distill_features": "fine-tune with --distill: also match every cut layer's output to the dense model's at the "
+                        "kept channels (mean over layers of the relative squared error), with this weight "
+                        "(e.g. 1.0); unset (default): distil the logits only",
     "precision": "engine precision: fp32, fp16 or int8 (default: the target's)",
     "calibration_method": "INT8 calibration: minmax, entropy or percentile",
     "bench_batch_sizes": "comma-separated batch sizes to benchmark (default: 1 and the target's)",
@@ -93,6 +96,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+METAVARS = {"distill_features": "WEIGHT"}  # where the field's last word does not name the value
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Every config field as a flag (dest: the field), plus --samples, --keep and the criterion options' flags
     (dest ``opt_<key>``); ``flag_values`` reads them back. For scripts that build their own parser."""
@@ -106,7 +112,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kind = str if kind is list else kind  # lists arrive as "1,8,32" and are parsed by the config
-        parser.add_argument(flag, type=kind, metavar=f.name.split("_")[-1].upper(), **kwargs)
+        metavar = METAVARS.get(f.name, f.name.split("_")[-1].upper())
+        parser.add_argument(flag, type=kind, metavar=metavar, **kwargs)
     parser.add_argument("--samples", dest="rank_samples", type=int, default=None, help=HELP["rank_samples"])
     parser.add_argument("--keep", action="append", default=None, metavar="LAYER=VALUE",
                         help="per-layer kept ratio (<=1) or count (>1), repeatable, e.g. features.0=0.5")

@@ -478,10 +478,15 @@ def _host_measure(table, source: nn.Module, example: torch.Tensor, rankings: dic
     return measure
 
 
+def load_record(ctx: StageContext, digest: str) -> PruneRecord:
+    """What a finished prune stage removed: the kept channels of every cut layer and the surgery's extras."""
+    return PruneRecord.from_json(json.loads((ctx.folder(NAME, digest) / "architecture.json").read_text()))
+
+
 def load_pruned(ctx: StageContext, digest: str, model: str, weights: Path | None = None) -> nn.Module:
     """The pruned architecture a finished prune stage recorded, with its weights (or `weights`), in eval mode."""
     folder = ctx.folder(NAME, digest)
-    record = PruneRecord.from_json(json.loads((folder / "architecture.json").read_text()))
+    record = load_record(ctx, digest)
     pruned = build_pruned(create_model(model, num_classes=ctx.data.num_classes),
                           torch.zeros(2, *ctx.data.input_shape), record)
     pruned.load_state_dict(torch.load(weights or folder / "pruned.pt", map_location="cpu", weights_only=True))

@@ -995,13 +995,18 @@ def resolve_base(args: argparse.Namespace) -> tuple[Config, list[bool]]:
     values["checkpoint"] = checkpoint
     values.pop("distill", None)
     values.pop("run_name", None)
-    cfg = build_config(values, flags)
     if distill_flag is not None:
         distill = [distill_flag]
     elif args.plan == "headline":
         distill = [True]
     else:
         distill = [False] if args.quick else [False, True]
+    if flags.get("distill_features") is not None:  # it matches the teacher's features: every variant distils
+        if not all(distill):
+            raise UserError("--distill-features needs distillation in every variant (the dense model is the "
+                            "teacher): drop --no-distill, or use the headline plan")
+        values["distill"] = True  # the base is checked like a run; each variant sets its own distill
+    cfg = build_config(values, flags)
     return cfg, distill
 
 

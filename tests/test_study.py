@@ -250,12 +250,27 @@ def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
     (["--keep-ratio", "0.5"], "--keep-ratio is set per variant"),
     (["--baselines", "l1,magic"], "unknown baseline(s): ['magic']"),
     (["--random-seeds", "0"], "--random-seeds must be at least 1, got 0"),
+    (["--plan", "cmi", "--distill-features", "1"], "--distill-features needs distillation in every variant"),
 ])
 def test_bad_study_input_is_one_line_and_exit_2(study, tmp_path, capsys, args, needle):
     assert study.main([*args, "--out", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs")]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()
+
+
+def test_feature_distillation_reaches_every_variant_and_its_command(study):
+    from toolchain.cli import build_parser, config_argv, flag_values
+
+    args = study.build_parser().parse_args(["--plan", "headline", "--distill-features", "5", "--budgets", "flops=0.2",
+                                            "--baselines", ""])
+    base, distill = study.resolve_base(args)
+    assert distill == [True] and base.distill_features == 5.0
+    (variant,) = study.headline_plan(base, budgets=["flops=0.2"], distill=distill)
+    assert variant.cfg.distill and variant.cfg.distill_features == 5.0
+    argv = config_argv(variant.cfg)
+    assert argv[argv.index("--distill-features") + 1] == "5.0"
+    assert build_config({}, flag_values(build_parser().parse_args(argv))) == variant.cfg
 
 
 def test_a_resumed_fine_tune_counts_every_epoch_it_took(study, tmp_path):

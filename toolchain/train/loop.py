@@ -107,7 +107,8 @@ class FeatureMatch:
     Why: the cut starts close to the dense network inside (compensation refits every consumer towards the dense
     outputs; with the flops=0.2 cut of VGG16 the conv outputs differ from the dense ones by up to 13% of their
     energy on 256 training images), while the logits alone leave the fine-tune free to drift from features it
-    could keep. The term is the mean over layers of ``||s - t[:, kept]||^2 / ||t[:, kept]||^2``, so every layer weighs alike whatever its scale.
+    could keep. The term is the mean over layers of ``||s - t[:, kept]||^2 / ||t[:, kept]||^2``, so every layer
+    weighs alike whatever its scale.
     Layers whose channels a residual group shares are matched at their owner only. Measured at flops=0.2 on VGG16
     (weight 5, one seed): 0.4-0.8 pt ahead of the logits alone over the first five epochs, level from the sixth,
     88.47% against 88.41% after 15 (docs/STUDY.md), so it is an option, off by default."""

@@ -108,10 +108,11 @@ class FeatureMatch:
     outputs; with the flops=0.2 cut of VGG16 the conv outputs differ from the dense ones by up to 13% of their
     energy on 256 training images), while the logits alone leave the fine-tune free to drift from features it
     could keep. The term is the mean over layers of ``||s - t[:, kept]||^2 / ||t[:, kept]||^2``, so every layer
-    weighs alike whatever its scale.
-    Layers whose channels a residual group shares are matched at their owner only. Measured at flops=0.2 on VGG16
-    (weight 5, one seed): 0.4-0.8 pt ahead of the logits alone over the first five epochs, level from the sixth,
-    88.47% against 88.41% after 15 (docs/STUDY.md), so it is an option, off by default."""
+    weighs alike whatever its scale. Layers whose channels a residual group shares are matched at their owner only.
+
+    Measured at flops=0.2 on VGG16 (weight 5, one seed): 0.4-0.8 pt ahead of the logits alone over the first five
+    epochs, level from the sixth, 88.47% against 88.41% after 15 (docs/STUDY.md), so it is an option, off by
+    default."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, kept: dict[str, list[int]]):
         smods, tmods = dict(student.named_modules()), dict(teacher.named_modules())
@@ -162,6 +163,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torc
                     features: FeatureMatch | None = None, desc: str = "train") -> dict[str, float]:
     """One pass over ``loader``; with ``features`` (and a teacher) the loss adds ``recipe.distill_features`` times
     the feature term."""
+    features = features if teacher is not None else None  # the term reads the teacher's outputs
     model.train()
     total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     feature_total = torch.zeros((), device=device)

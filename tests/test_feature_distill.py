@@ -117,17 +117,15 @@ def test_the_stage_matches_the_features_the_prune_record_names(tmp_path):
     torch.manual_seed(0)
     dense = create_model("vgg11_bn_half", num_classes=10).eval()
     kept = {"features.0": [0, 1, 5, 7], "features.4": list(range(0, 64, 2))}
-    student, _ = prune_model(dense, torch.zeros(2, *data.input_shape), kept)
+
+    def cut() -> nn.Module:
+        return prune_model(dense, torch.zeros(2, *data.input_shape), kept)[0]
+
     recipe = Recipe(epochs=1, lr=0.01, amp="off", distill_features=1.0)
-    _, history = finetune(student, data, recipe, torch.device("cpu"), tmp_path / "ft", batch_size=16, seed=0,
+    _, history = finetune(cut(), data, recipe, torch.device("cpu"), tmp_path / "ft", batch_size=16, seed=0,
                           teacher=dense, bn_images=32, kept=kept)
     assert history[0]["feature_loss"] > 0
-    _, without = finetune(_student_copy(dense, kept, data), data, Recipe(epochs=1, lr=0.01, amp="off"),
+    _, without = finetune(cut(), data, Recipe(epochs=1, lr=0.01, amp="off"),
                           torch.device("cpu"), tmp_path / "ft-plain", batch_size=16, seed=0, teacher=dense,
                           bn_images=32, kept=kept)
     assert "feature_loss" not in without[0]  # kept channels alone, without a weight, add nothing
-
-
-def _student_copy(dense: nn.Module, kept: dict, data) -> nn.Module:
-    student, _ = prune_model(dense, torch.zeros(2, *data.input_shape), kept)
-    return student

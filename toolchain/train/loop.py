@@ -119,7 +119,10 @@ class FeatureMatch:
         missing = sorted(n for n in kept if n not in smods or n not in tmods)
         if missing:
             raise ValueError(f"feature distillation: layers {missing} are not in both models")
-        self.pairs = [(name, smods[name], tmods[name], torch.tensor(sorted(k), dtype=torch.long))
+        # sorted: the cut keeps channels in dense order. The indices live where the teacher's outputs are (the
+        # models are on their device by now), so no step copies them
+        self.pairs = [(name, smods[name], tmods[name],
+                       torch.tensor(sorted(k), dtype=torch.long, device=next(tmods[name].parameters()).device))
                       for name, k in kept.items()]
         self.outputs: dict[tuple[str, str], torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -146,7 +149,7 @@ class FeatureMatch:
         terms = []
         for name, _, _, idx in self.pairs:
             s = self.outputs[("student", name)].float()
-            t = self.outputs[("teacher", name)].float().index_select(1, idx.to(s.device))
+            t = self.outputs[("teacher", name)].float().index_select(1, idx)
             terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
         return torch.stack(terms).mean()
 

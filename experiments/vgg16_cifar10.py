@@ -236,6 +236,11 @@ def _features(cfg: dict[str, Any]) -> str:
     return f", the cut layers' outputs matched to the dense model's at the kept channels (weight {w:g})" if w else ""
 
 
+def _flip(cfg: dict[str, Any]) -> str:
+    """A setup line's clause for the mirror-averaged teacher ("" when off, and for configs before it)."""
+    return ", the teacher's logits averaged over each image and its mirror" if cfg.get("distill_flip") else ""
+
+
 def _distill_tag(distill: bool) -> str:
     return "KD" if distill else "CE"
 
@@ -499,7 +504,7 @@ def write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, Any
              f"- fine-tuning: {cfg['finetune_epochs']} epochs, SGD nesterov lr {cfg['lr']} cosine, batch "
              f"{cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}; distillation "
              f"(KD) alpha {cfg['distill_alpha']}, T {cfg['distill_temperature']}"
-             f"{_cutout(cfg)}{_ema(cfg)}{_features(cfg)}; device {summary['device']}",
+             f"{_cutout(cfg)}{_ema(cfg)}{_features(cfg)}{_flip(cfg)}; device {summary['device']}",
              f"- ranking samples {cfg['rank_samples']}, BN re-estimation on {cfg['bn_recalibration']} images, "
              f"INT8 calibration {cfg['calibration_method']} on {cfg['calibration_samples']} images",
              f"- latency: ONNX Runtime CPU on this host, target profile {cfg['target']}, {cfg['bench_runs']} runs, "
@@ -746,7 +751,7 @@ def write_headline_markdown(path: Path, summary: dict[str, Any], rows: list[dict
               f"- fine-tuning: {cfg['finetune_epochs']} epochs on every training image, SGD nesterov lr {cfg['lr']} "
               f"cosine, batch {cfg['batch_size']}, wd {cfg['weight_decay']}, label smoothing {cfg['label_smoothing']}, "
               f"distillation from the dense model alpha {cfg['distill_alpha']} T {cfg['distill_temperature']}"
-              f"{_cutout(cfg)}{_ema(cfg)}{_features(cfg)}",
+              f"{_cutout(cfg)}{_ema(cfg)}{_features(cfg)}{_flip(cfg)}",
               f"- latency: ONNX Runtime CPU on {host}, {cfg['bench_runs']} runs, batch 1, p50", ""]
     lines += ["## Runs", ""]
     for r in rows:
@@ -1001,11 +1006,12 @@ def resolve_base(args: argparse.Namespace) -> tuple[Config, list[bool]]:
         distill = [True]
     else:
         distill = [False] if args.quick else [False, True]
-    if flags.get("distill_features") is not None:  # it matches the teacher's features: every variant distils
-        if not all(distill):
-            raise UserError("--distill-features needs distillation in every variant (the dense model is the "
-                            "teacher): drop --no-distill, or use the headline plan")
-        values["distill"] = True  # the base is checked like a run; each variant sets its own distill
+    for key in ("distill_features", "distill_flip"):  # both read the teacher: every variant distils
+        if flags.get(key):
+            if not all(distill):
+                raise UserError(f"--{key.replace('_', '-')} needs distillation in every variant (the dense model is "
+                                "the teacher): drop --no-distill, or use the headline plan")
+            values["distill"] = True  # the base is checked like a run; each variant sets its own distill
     cfg = build_config(values, flags)
     return cfg, distill
 

@@ -150,6 +150,7 @@ def test_09_every_sweep_value_is_checked_before_the_first_variant(tmp_path, caps
     (["--distill-temperature", "0"], "distill_temperature"),
     (["--distill", "--distill-features", "0"], "distill_features must be > 0"),
     (["--distill-features", "1"], "distill_features needs distill"),
+    (["--distill-flip"], "distill_flip needs distill"),
     (["--cutout", "-1"], "cutout"), (["--baseline-cutout", "-2"], "baseline_cutout"),
     (["--image-size", "16", "--cutout", "16"], "smaller than image_size"),
     (["--sensitivity-fractions", "0.5,1.0"], "sensitivity_fractions"),

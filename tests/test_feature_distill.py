@@ -1,5 +1,6 @@
 """Distillation at the kept channels (``--distill-features``): the term against its closed form on a cut made by the
-package's own surgery, the loss the fine-tune adds with it, and the stage's wiring from the prune record."""
+package's own surgery, the loss the fine-tune adds with it, and the stage's wiring from the prune record. Also the
+mirror-averaged teacher (``--distill-flip``): its logits, and the loss the fine-tune takes from them."""
 
 import pytest
 import torch
@@ -8,7 +9,14 @@ from torch import nn
 from toolchain.data import load_dataset
 from toolchain.stages.finetune import finetune
 from toolchain.stages.prune import prune_model
-from toolchain.train.loop import FeatureMatch, Recipe, distillation_loss, make_optimizer, train_one_epoch
+from toolchain.train.loop import (
+    FeatureMatch,
+    Recipe,
+    distillation_loss,
+    make_optimizer,
+    teacher_logits,
+    train_one_epoch,
+)
 
 KEPT = {"0": [0, 2, 3], "3": [1, 4]}  # out of 5 and 6 channels
 
@@ -129,3 +137,43 @@ def test_the_stage_matches_the_features_the_prune_record_names(tmp_path):
                           torch.device("cpu"), tmp_path / "ft-plain", batch_size=16, seed=0, teacher=dense,
                           bn_images=32, kept=kept)
     assert "feature_loss" not in without[0]  # kept channels alone, without a weight, add nothing
+
+
+def test_the_mirrored_teacher_averages_both_views_and_leaves_the_plain_pass_to_the_hooks():
+    teacher = _teacher()
+    student = _student(teacher)
+    x = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        both = (teacher(x) + teacher(x[..., torch.arange(5, -1, -1)])) / 2  # the mirror, indexed by hand
+        plain = teacher(x)
+        assert torch.allclose(teacher_logits(teacher, x), plain)
+        assert not torch.allclose(both, plain, atol=1e-3)  # a random image is not its own mirror
+        features = FeatureMatch(student, teacher, KEPT)
+        with features.recording():
+            assert torch.allclose(teacher_logits(teacher, x, flip=True), both, atol=1e-6)
+            student(x)
+            term = features.loss()
+    assert float(term) == pytest.approx(float(_closed_form(student, teacher, x)), rel=1e-5)
+
+
+def test_the_fine_tune_distils_from_the_mirror_averaged_logits():
+    """At lr 0 the weights stay put: the epoch's mean loss is KD against the two views' mean logits."""
+    teacher = _teacher()
+    batches = _Batches(3)
+    # soft targets alone at T 1: the two teachers then differ most in the loss
+    recipe = Recipe(epochs=1, lr=0.0, amp="off", distill_flip=True, distill_alpha=1.0, distill_temperature=1.0)
+    student = _student(teacher)
+    opt, sched = make_optimizer(student, recipe, len(batches))
+    stats = train_one_epoch(student, batches, opt, sched, torch.device("cpu"), recipe, teacher=teacher)
+    student.train()
+
+    def kd(target) -> float:
+        with torch.no_grad():
+            return float(torch.stack([distillation_loss(student(x), target(x), y, alpha=recipe.distill_alpha,
+                                                        temperature=recipe.distill_temperature,
+                                                        label_smoothing=recipe.label_smoothing)
+                                      for x, y in batches.batches]).mean())
+
+    mirrored = kd(lambda x: (teacher(x) + teacher(torch.flip(x, dims=(3,)))) / 2)
+    assert stats["loss"] == pytest.approx(mirrored, rel=1e-5)
+    assert abs(mirrored - kd(teacher)) > 100 * 1e-5 * mirrored  # the plain teacher's loss is another number

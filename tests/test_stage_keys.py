@@ -38,13 +38,13 @@ FIRST = {
     "weight_decay": (1e-4, "baseline"), "label_smoothing": (0.0, "baseline"), "distill": (True, "finetune"),
     "distill_alpha": (0.9, "finetune"), "distill_temperature": (2.0, "finetune"),
     "cutout": (8, "finetune"), "ema_decay": (0.999, "finetune"),
-    "distill_features": (1.0, "finetune"), "amp": ("off", "baseline"),
+    "distill_features": (1.0, "finetune"), "distill_flip": (True, "finetune"), "amp": ("off", "baseline"),
     "opset": (17, "export"), "parity_tolerance": (1e-2, "export"), "precision": ("fp16", "engine"),
     "calibration_samples": (64, "quantize"), "calibration_method": ("entropy", "quantize"),
     "bench_runs": (7, "bench"), "bench_batch_sizes": ([1, 4], "engine"),
 }
 # what a field needs set beside it to be valid (the base of its row)
-NEEDS = {"distill_features": {"distill": True}}
+NEEDS = {"distill_features": {"distill": True}, "distill_flip": {"distill": True}}
 # with a checkpoint the baseline is the checkpoint: its training settings only reach the fine-tune
 WITH_CHECKPOINT = {"baseline_epochs": None, "baseline_lr": None, "baseline_cutout": None, "batch_size": "finetune",
                    "momentum": "finetune",
@@ -166,6 +166,8 @@ def test_a_stage_input_added_later_keeps_the_old_keys_while_unset():
     assert key_of(dataclasses.replace(tuned, ema_decay=0.999))["ema_decay"] == 0.999
     assert "distill_features" not in key_of(tuned)
     assert key_of(dataclasses.replace(tuned, distill_features=1.0))["distill_features"] == 1.0
+    assert "distill_flip" not in key_of(tuned)
+    assert key_of(dataclasses.replace(tuned, distill_flip=True))["distill_flip"] is True
 
 
 @pytest.fixture(scope="module")

@@ -251,6 +251,7 @@ def test_the_gpu_plan_runs_on_the_cpu_at_a_tiny_size(study, tmp_path):
     (["--baselines", "l1,magic"], "unknown baseline(s): ['magic']"),
     (["--random-seeds", "0"], "--random-seeds must be at least 1, got 0"),
     (["--plan", "cmi", "--distill-features", "1"], "--distill-features needs distillation in every variant"),
+    (["--plan", "cmi", "--distill-flip"], "--distill-flip needs distillation in every variant"),
 ])
 def test_bad_study_input_is_one_line_and_exit_2(study, tmp_path, capsys, args, needle):
     assert study.main([*args, "--out", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "docs")]) == 2
@@ -270,6 +271,19 @@ def test_feature_distillation_reaches_every_variant_and_its_command(study):
     assert variant.cfg.distill and variant.cfg.distill_features == 5.0
     argv = config_argv(variant.cfg)
     assert argv[argv.index("--distill-features") + 1] == "5.0"
+    assert build_config({}, flag_values(build_parser().parse_args(argv))) == variant.cfg
+
+
+def test_the_mirrored_teacher_reaches_every_variant_and_its_command(study):
+    from toolchain.cli import build_parser, config_argv, flag_values
+
+    args = study.build_parser().parse_args(["--plan", "headline", "--distill-flip", "--budgets", "flops=0.2",
+                                            "--baselines", ""])
+    base, distill = study.resolve_base(args)
+    assert distill == [True] and base.distill_flip
+    (variant,) = study.headline_plan(base, budgets=["flops=0.2"], distill=distill)
+    argv = config_argv(variant.cfg)
+    assert variant.cfg.distill_flip and "--distill-flip" in argv
     assert build_config({}, flag_values(build_parser().parse_args(argv))) == variant.cfg
 
 

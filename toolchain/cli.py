@@ -68,6 +68,8 @@ HELP = {
     "distill_features": "fine-tune with --distill: also match every cut layer's output to the dense model's at the "
                         "kept channels (mean over layers of the relative squared error), with this weight "
                         "(e.g. 1.0); unset (default): distil the logits only",
+    "distill_flip": "fine-tune with --distill: the teacher's logits are the mean over each training image and "
+                    "its mirror (a better teacher for one more forward pass of the dense model); default off",
     "precision": "engine precision: fp32, fp16 or int8 (default: the target's)",
     "calibration_method": "INT8 calibration: minmax, entropy or percentile",
     "bench_batch_sizes": "comma-separated batch sizes to benchmark (default: 1 and the target's)",

@@ -75,6 +75,7 @@ class Config:
     cutout: int = 0  # fine-tune augmentation: zero one random SIZE x SIZE square per image (0: off)
     ema_decay: float | None = None  # fine-tune ends on an exponential moving average of its weights (None: off)
     distill_features: float | None = None  # weight of matching each cut layer's output to the dense one's (None: off)
+    distill_flip: bool = False  # the teacher's logits: the mean over the image and its mirror
     amp: str = "auto"  # auto (bf16 on GPUs, and on CPUs with native bf16) | bf16 | off
     # export, deployable artifacts and checks
     opset: int | None = None  # default: 18, or the target's max_onnx_opset where its TensorRT parses less
@@ -242,6 +243,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"distill_features must be > 0 (e.g. 1.0), got {cfg.distill_features}")
         if not cfg.distill:
             raise UserError("distill_features needs distill (the dense model is the teacher): add --distill")
+    if cfg.distill_flip and not cfg.distill:
+        raise UserError("distill_flip needs distill (the dense model is the teacher): add --distill")
     if not cfg.distill_temperature > 0:
         raise UserError(f"distill_temperature must be > 0, got {cfg.distill_temperature}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):

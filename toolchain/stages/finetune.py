@@ -45,6 +45,7 @@ class Inputs:
     cutout: int | None = field(default=None, metadata=OMIT_IF_NONE)  # square side; None: off (keys from before)
     ema_decay: float | None = field(default=None, metadata=OMIT_IF_NONE)  # None: off, the model ends on its raw weights
     distill_features: float | None = field(default=None, metadata=OMIT_IF_NONE)  # None: logits only
+    distill_flip: bool | None = field(default=None, metadata=OMIT_IF_NONE)  # True: mirror-averaged teacher; None: off
 
 
 @dataclass
@@ -58,7 +59,7 @@ def run(inputs: Inputs, ctx: StageContext, folder: Path) -> Result:
     recipe = Recipe(epochs=inputs.epochs, lr=inputs.lr, momentum=inputs.momentum, weight_decay=inputs.weight_decay,
                     label_smoothing=inputs.label_smoothing, distill_alpha=inputs.distill_alpha,
                     distill_temperature=inputs.distill_temperature, amp=inputs.amp, ema_decay=inputs.ema_decay,
-                    distill_features=inputs.distill_features)
+                    distill_features=inputs.distill_features, distill_flip=bool(inputs.distill_flip))
     teacher = baseline.load_model(ctx, inputs.baseline, inputs.model) if inputs.distill else None
     kept = prune.load_record(ctx, inputs.prune).kept if inputs.distill_features else None
     model, history = finetune(model, ctx.data, recipe, ctx.device, folder, batch_size=inputs.batch_size,

@@ -66,6 +66,7 @@ class Recipe:
     warmup_steps: int = 0
     ema_decay: float | None = None  # keep an exponential moving average of the weights and end on it
     distill_features: float | None = None  # weight of the feature term (FeatureMatch); needs a teacher
+    distill_flip: bool = False  # the teacher's logits: the mean over the image and its mirror (teacher_logits)
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe, steps_per_epoch: int):
@@ -98,6 +99,18 @@ def distillation_loss(student_logits, teacher_logits, labels, *, alpha: float, t
     soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True) * t * t
     return (1 - alpha) * hard + alpha * soft
+
+
+def teacher_logits(teacher: nn.Module, x: torch.Tensor, *, flip: bool = False) -> torch.Tensor:
+    """The teacher's logits for ``x``; with ``flip`` the mean over ``x`` and its horizontal mirror.
+
+    Why: averaging the two views is a better teacher at the cost of one more forward pass (the shared VGG16-BN
+    baseline: 89.29% -> 90.47% top-1 on the CIFAR-10 test split, logits averaged). The mirror goes first, so the
+    plain pass is the last one FeatureMatch's hooks see."""
+    if not flip:
+        return teacher(x)
+    mirrored = teacher(torch.flip(x, dims=(-1,)))
+    return (teacher(x) + mirrored) / 2
 
 
 class FeatureMatch:
@@ -177,7 +190,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, device: torc
                 logits = model(x)
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(x)
+                        t_logits = teacher_logits(teacher, x, flip=recipe.distill_flip)
                     loss = distillation_loss(logits.float(), t_logits.float(), y, alpha=recipe.distill_alpha,
                                              temperature=recipe.distill_temperature,
                                              label_smoothing=recipe.label_smoothing)

@@ -285,7 +285,7 @@ def stage_inputs(cfg: Config, pre: Preflight, *, world: int = 1) -> dict[str, An
                                                               else (cfg.finetune_epochs, cfg.lr)),
             cfg.momentum, cfg.weight_decay, cfg.label_smoothing, cfg.distill, cfg.distill_alpha,
             cfg.distill_temperature, cfg.batch_size, cfg.amp, world, cfg.seed, cfg.bn_recalibration,
-            cfg.cutout or None, cfg.ema_decay, cfg.distill_features, True if cfg.distill_flip else None)),
+            cfg.cutout or None, cfg.ema_decay, cfg.distill_features, cfg.distill_flip or None)),
         "export": add(export, export.Inputs(digest["finetune"], digest["prune"], digest["baseline"], cfg.model,
                                             pre.opset, cfg.parity_tolerance)),
         "quantize": add(quantize, quantize.Inputs(digest["export"], cfg.calibration_samples, cfg.calibration_method,

@@ -105,8 +105,9 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, *, flip: bool = False) -
     """The teacher's logits for ``x``; with ``flip`` the mean over ``x`` and its horizontal mirror.
 
     Why: averaging the two views is a better teacher at the cost of one more forward pass (the shared VGG16-BN
-    baseline: 89.29% -> 90.47% top-1 on the CIFAR-10 test split, benchmarks/bench_teacher_flip.py). The mirror
-    goes first, so the plain pass is the last one FeatureMatch's hooks see."""
+    baseline: 89.29% -> 90.47% top-1 on the CIFAR-10 test split, benchmarks/bench_teacher_flip.py). The student
+    did not gain from it (VGG16 at flops=0.2: 88.54% against 88.41% with the plain teacher, docs/STUDY.md), so it
+    is off by default. The mirror goes first, so the plain pass is the last one FeatureMatch's hooks see."""
     if not flip:
         return teacher(x)
     mirrored = teacher(torch.flip(x, dims=(-1,)))

@@ -293,8 +293,11 @@ def markdown(results: dict) -> str:
                 accs += f" ({100 * rs[0]['flops_ratio']:.1f}%)"
             row.append(accs)
         lines.append("| " + " | ".join(row) + " |")
-    rank_s = {(r["criterion"], r["rank_samples"]): r["rank_seconds"] for r in runs}
-    seconds = [f"{c} (N={n}): {rank_s[c, n]} s" for c, n in rows]
+    # a row may gather several rankings (other seeds, or cmi's keep ratio): give the range, not the last one's
+    rank_s = {row: sorted({r["rank_seconds"] for r in runs if (r["criterion"], r["rank_samples"]) == row})
+              for row in rows}
+    seconds = [f"{c} (N={n}): {rank_s[c, n][0]}" + (f"-{rank_s[c, n][-1]}" if len(rank_s[c, n]) > 1 else "") + " s"
+               for c, n in rows]
     comp = [r["compensation_seconds"] for r in runs if r["compensation_seconds"]]
     lines += ["", "Ranking seconds: " + "; ".join(seconds) + "."]
     if comp:

@@ -31,6 +31,16 @@ def test_a_budgets_sensitivity_grid_is_its_own_column_and_no_column_is_empty():
     assert [c.strip() for c in row.strip("|").split("|")] == ["recon", "256", "87.1", "88.1 (40.0%)", "88.4 (40.0%)"]
 
 
+def test_ranking_seconds_give_the_range_when_a_row_gathers_several_rankings():
+    # cmi ranks once per keep ratio and random once per seed; the line used to show only the last record's time
+    results = {"dense_acc": 0.9, "test_images": 10000, "machine": "m", "commands": ["python bench"],
+               "runs": [_run("uniform:0.4", 0.871, rank_seconds=195.8), _run("uniform:0.6", 0.833, rank_seconds=195.8),
+                        _run("uniform:0.3682", 0.62, rank_seconds=187.7),
+                        _run("uniform:0.4", 0.865, criterion="l1", rank_seconds=0.0)]}
+    line = next(x for x in bench_quality.markdown(results).splitlines() if x.startswith("Ranking seconds"))
+    assert line == "Ranking seconds: recon (N=256): 187.7-195.8 s; l1 (N=256): 0.0 s."
+
+
 def test_missing_shared_material_is_one_line_and_exit_2_with_nothing_written(tmp_path):
     # the scripts beside a checkout that has no ../shared: a user's clone, or CI without the material
     bench = tmp_path / "repo" / "benchmarks"

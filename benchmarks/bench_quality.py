@@ -294,10 +294,11 @@ def markdown(results: dict) -> str:
             row.append(accs)
         lines.append("| " + " | ".join(row) + " |")
     # a row may gather several rankings (other seeds, or cmi's keep ratio): give the range, not the last one's
-    rank_s = {row: sorted({r["rank_seconds"] for r in runs if (r["criterion"], r["rank_samples"]) == row})
-              for row in rows}
-    seconds = [f"{c} (N={n}): {rank_s[c, n][0]}" + (f"-{rank_s[c, n][-1]}" if len(rank_s[c, n]) > 1 else "") + " s"
-               for c, n in rows]
+    rank_s: dict[tuple, list[float]] = {}
+    for r in runs:
+        rank_s.setdefault((r["criterion"], r["rank_samples"]), []).append(r["rank_seconds"])
+    spans = {row: (min(v), max(v)) for row, v in rank_s.items()}
+    seconds = [f"{c} (N={n}): {lo}" + (f"-{hi}" if hi != lo else "") + " s" for (c, n), (lo, hi) in spans.items()]
     comp = [r["compensation_seconds"] for r in runs if r["compensation_seconds"]]
     lines += ["", "Ranking seconds: " + "; ".join(seconds) + "."]
     if comp:
